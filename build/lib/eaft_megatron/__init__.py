@@ -1,0 +1,1 @@
+"""eaft-megatron."""

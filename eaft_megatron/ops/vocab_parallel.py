@@ -1,0 +1,331 @@
+"""Vocab-parallel entropy-adaptive cross-entropy (SFT / DFT / EAFT) for Megatron-Core.
+
+Drop-in for ``megatron.core.tensor_parallel.vocab_parallel_cross_entropy``: the logits stay
+split over the vocabulary (each tensor-parallel rank holds ``[..., V/tp]``) and are never
+gathered.
+
+How it works (per TP rank, N tokens, V_l = V/tp local vocabulary, k_l = min(top_k, V_l)):
+
+Forward, one pass over the logits, in row chunks that fit the cache:
+    copy the chunk into the fp32 working buffer ``work`` [N, V_l] (the caller's logits are
+    never written), read the label's logit, the local max ``m_r``, the local top-k values
+    (``entropy="topk"``), then ``work = exp(z - m_r)`` in place, its row sum ``S_r`` and, for
+    ``entropy="full"``, ``T_r = sum exp(z - m_r) * (z - m_r)``.
+    Collectives: ONE ``all_gather`` of the per-token partials [N, 3 (+1 full) (+k_l topk)]
+    floats (not logits). Every rank then merges them identically:
+    ``M = max_r m_r``, ``S = sum_r exp(m_r - M) S_r``, ``lse = M + log S``,
+    ``CE = lse - z_y``, ``p_y = exp(-CE)``, the global top-k is the top-k of the gathered
+    ``[N, k_l * tp]`` local top-k values, full entropy
+    ``H = log S - sum_r exp(m_r - M) (T_r + (m_r - M) S_r) / S``.
+    (Equivalent to a MAX all-reduce followed by one SUM all-reduce of the rescaled partials, and
+    the top-k all-gather, in a single collective; with tp=1 no collective runs at all.)
+Backward, no collective:
+    ``dL/dz = g * w * (softmax(z) - onehot(y))`` formed in place in ``work``
+    (``softmax = work * exp(m_r - M) / S``) and returned in the input dtype.
+
+Memory: ``work`` (fp32, size of the logits shard) is the only [N, V_l] tensor kept from forward
+to backward; with an fp32 input it is returned as the gradient itself, with bf16/fp16 input the
+gradient is written chunk by chunk into a new tensor of the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from .gates import token_weight, validate_gate_options
+
+# Rows per chunk are chosen so that one chunk of the fp32 working buffer is about this size:
+# large enough that per-op overhead is negligible, small enough to stay in L2 between the
+# cast, max, top-k, exp and sum that each chunk goes through.
+_CHUNK_BYTES = 1 << 20
+
+
+class EAFTTokenStats(NamedTuple):
+    """Per-token statistics from the same forward pass (detached, float32, shape of ``target``).
+
+    Entries of ignored tokens are 0. ``entropy`` is in nats, over the top-k renormalised
+    softmax (``entropy="topk"``) or the full vocabulary (``entropy="full"``).
+    """
+
+    target_prob: torch.Tensor  # p_t(y_t) under the full softmax
+    entropy: torch.Tensor  # H_t used by the gate
+    weight: torch.Tensor  # w_t applied to CE_t (1 for sft)
+    mask: torch.Tensor  # bool, True where the token is supervised (target != ignore_index)
+
+
+def _resolve_tp_group(tp_group):
+    """The explicit group, else Megatron-Core's TP group when initialised, else None (tp=1)."""
+    if tp_group is not None:
+        return tp_group
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        from megatron.core import parallel_state
+    except ImportError:  # megatron-core is a dependency, but keep the op usable without it
+        return None
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
+
+
+def _group_rank_size(group) -> tuple[int, int]:
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_gather_partials(partials: torch.Tensor, group, world: int) -> torch.Tensor:
+    """[N, C] per rank -> [world, N, C] on every rank (one collective)."""
+    if world == 1:
+        return partials.unsqueeze(0)
+    out = partials.new_empty((world,) + tuple(partials.shape))
+    dist.all_gather_into_tensor(out, partials.contiguous(), group=group)
+    return out
+
+
+class _VocabParallelEAFT(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        loss_type: str,
+        top_k: int,
+        alpha: float,
+        entropy_mode: str,
+        ignore_index: int,
+        group,
+        need_entropy: bool,
+        chunk_rows: int,
+    ):
+        rank, world = _group_rank_size(group)
+        vocab_local = logits.shape[-1]
+        logits_2d = logits.reshape(-1, vocab_local)  # a view for contiguous input
+        target_1d = target.reshape(-1)
+        n_tokens = logits_2d.shape[0]
+        device = logits.device
+
+        valid = target_1d != ignore_index
+        local_target = target_1d - rank * vocab_local
+        owned = valid & (local_target >= 0) & (local_target < vocab_local)
+        local_index = torch.where(owned, local_target, 0)
+
+        want_topk = need_entropy and entropy_mode == "topk"
+        want_full = need_entropy and entropy_mode == "full"
+        k_local = min(top_k, vocab_local) if want_topk else 0
+        # Partials columns: 0 local max, 1 sum exp(z - m_r), 2 label logit (0 if not owned),
+        # [3 sum exp(z - m_r) * (z - m_r) for full entropy], [then the k_local top values].
+        col_topk = 4 if want_full else 3
+        partials = torch.zeros(n_tokens, col_topk + k_local, dtype=torch.float32, device=device)
+
+        work = torch.empty(n_tokens, vocab_local, dtype=torch.float32, device=device)
+        scratch = (
+            torch.empty(min(chunk_rows, n_tokens), vocab_local, dtype=torch.float32, device=device)
+            if want_full
+            else None
+        )
+        for r0 in range(0, n_tokens, chunk_rows):
+            r1 = min(r0 + chunk_rows, n_tokens)
+            buf = work[r0:r1]
+            buf.copy_(logits_2d[r0:r1])
+            part = partials[r0:r1]
+            part[:, 2] = buf.gather(1, local_index[r0:r1, None]).squeeze(1)
+            if k_local:
+                part[:, col_topk:] = buf.topk(k_local, dim=1, sorted=False).values
+            row_max = buf.amax(dim=1)
+            part[:, 0] = row_max
+            buf.sub_(row_max[:, None])
+            if want_full:
+                exp_buf = scratch[: r1 - r0]
+                torch.exp(buf, out=exp_buf)
+                part[:, 3] = torch.einsum("ij,ij->i", exp_buf, buf)
+                buf.copy_(exp_buf)
+            else:
+                buf.exp_()
+            part[:, 1] = buf.sum(dim=1)
+        del scratch
+        partials[:, 2].masked_fill_(~owned, 0.0)
+
+        gathered = _all_gather_partials(partials, group, world)  # [world, N, C]
+        local_max = gathered[..., 0]
+        global_max = local_max.amax(dim=0)
+        rescale = torch.exp(local_max - global_max)  # exp(m_r - M), [world, N]
+        sum_exp = (rescale * gathered[..., 1]).sum(dim=0)
+        log_sum_exp = global_max + torch.log(sum_exp)
+        cross_entropy = log_sum_exp - gathered[..., 2].sum(dim=0)
+        target_prob = torch.exp(-cross_entropy)
+
+        entropy = None
+        if want_full:
+            shifted = gathered[..., 3] + (local_max - global_max) * gathered[..., 1]
+            entropy = torch.log(sum_exp) - (rescale * shifted).sum(dim=0) / sum_exp
+        elif want_topk:
+            candidates = gathered[..., col_topk:].permute(1, 0, 2).reshape(n_tokens, -1)
+            if candidates.shape[1] > top_k:
+                candidates = candidates.topk(top_k, dim=1, sorted=False).values
+            entropy = torch.special.entr(torch.softmax(candidates, dim=1)).sum(dim=1)
+
+        weight = token_weight(
+            loss_type=loss_type, target_prob=target_prob, entropy=entropy, top_k=top_k, alpha=alpha
+        )
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        weight = torch.where(valid, weight, zero)
+        loss = torch.where(valid, weight * cross_entropy, zero)
+
+        ctx.save_for_backward(work, rescale[rank] / sum_exp, weight, local_index, owned)
+        ctx.input_dtype = logits.dtype
+        ctx.input_shape = logits.shape
+        ctx.chunk_rows = chunk_rows
+
+        stats_prob = torch.where(valid, target_prob, zero)
+        stats_entropy = torch.where(valid, entropy, zero) if entropy is not None else None
+        if stats_entropy is None:
+            stats_entropy = torch.zeros_like(stats_prob)
+        ctx.mark_non_differentiable(stats_prob, stats_entropy, weight, valid)
+        shape = target.shape
+        return (
+            loss.view(shape),
+            stats_prob.view(shape),
+            stats_entropy.view(shape),
+            weight.view(shape),
+            valid.view(shape),
+        )
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, *unused_stat_grads):
+        work, softmax_scale, weight, local_index, owned = ctx.saved_tensors
+        n_tokens = work.shape[0]
+        # w_t is a constant of the backward pass (detached): dL/dz = g * w * (softmax - onehot).
+        row_grad = grad_loss.reshape(-1).to(torch.float32) * weight  # 0 for ignored tokens
+        row_scale = row_grad * softmax_scale
+        owned_rows = owned.nonzero().squeeze(1)  # sorted
+        owned_cols = local_index[owned_rows]
+        owned_grad = row_grad[owned_rows]
+
+        if ctx.input_dtype == torch.float32:
+            grad_2d = work
+        else:
+            grad_2d = torch.empty(work.shape, dtype=ctx.input_dtype, device=work.device)
+        step = ctx.chunk_rows
+        bounds = torch.searchsorted(
+            owned_rows, torch.arange(0, n_tokens + step, step, device=work.device)
+        ).tolist()
+        for i, r0 in enumerate(range(0, n_tokens, step)):
+            r1 = min(r0 + step, n_tokens)
+            buf = work[r0:r1]
+            buf.mul_(row_scale[r0:r1, None])
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                buf[owned_rows[lo:hi] - r0, owned_cols[lo:hi]] -= owned_grad[lo:hi]
+            if grad_2d is not work:
+                grad_2d[r0:r1].copy_(buf)
+        return (grad_2d.view(ctx.input_shape),) + (None,) * 9
+
+
+def _validate_inputs(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, world: int):
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError(
+            f"vocab_parallel_logits and target must be tensors, got "
+            f"{type(logits).__name__} and {type(target).__name__}"
+        )
+    if not logits.is_floating_point():
+        raise TypeError(f"vocab_parallel_logits must be floating point, got dtype {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(
+            f"vocab_parallel_logits must have a non-empty last (vocabulary) dimension, "
+            f"got shape {tuple(logits.shape)}"
+        )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor of token ids, got dtype {target.dtype}")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} must equal the logits' leading shape "
+            f"{tuple(logits.shape[:-1])} (logits shape {tuple(logits.shape)})"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    vocab = logits.shape[-1] * world
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if bool(bad.any()):  # one host sync per call: the price of a clear error
+        first = target[bad].reshape(-1)[0].item()
+        raise ValueError(
+            f"target contains token id {first} outside [0, {vocab}) (vocabulary "
+            f"{logits.shape[-1]} per rank x tp {world}) that is not ignore_index={ignore_index}"
+        )
+
+
+@torch.compiler.disable
+def vocab_parallel_eaft_cross_entropy(
+    vocab_parallel_logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    loss_type: str = "eaft",
+    top_k: int = 20,
+    alpha: float = 1.0,
+    entropy: str = "topk",
+    ignore_index: int = -100,
+    tp_group: "dist.ProcessGroup | None" = None,
+    return_stats: bool = False,
+    chunk_rows: int | None = None,
+) -> "torch.Tensor | tuple[torch.Tensor, EAFTTokenStats]":
+    """Per-token entropy-adaptive cross-entropy over vocab-parallel logits.
+
+    Args:
+        vocab_parallel_logits: ``[..., V/tp]`` (Megatron: ``[s, b, V/tp]``) fp32/bf16/fp16,
+            this rank's contiguous shard of the vocabulary (rank r owns ids
+            ``[r * V/tp, (r+1) * V/tp)``, Megatron's layout). Read only: never modified.
+        target: ``[...]`` integer global token ids; ``ignore_index`` marks unsupervised tokens.
+        loss_type: ``"sft"`` (w=1), ``"dft"`` (w=p_target**alpha) or ``"eaft"``.
+        top_k, alpha: the EAFT gate ``w = (H_topK / ln top_k) ** alpha``, detached.
+        entropy: ``"topk"`` (the paper: entropy of the softmax renormalised over the top_k
+            largest logits) or ``"full"`` (entropy over the whole vocabulary,
+            ``w = min(H / ln top_k, 1) ** alpha``).
+        ignore_index: target value of unsupervised tokens.
+        tp_group: the tensor-parallel group; None means Megatron-Core's TP group when
+            ``parallel_state`` is initialised, otherwise no tensor parallelism.
+        return_stats: also return :class:`EAFTTokenStats` (target probability, entropy, gate
+            weight, mask) from the same pass, for logging.
+        chunk_rows: rows per chunk of the fused forward pass (default: about 1 MiB of fp32).
+
+    Returns:
+        The per-token loss ``w_t * CE_t``: float32, shape of ``target``, exactly 0 where
+        ignored. Reduce it as Megatron does: ``loss.sum() / num_supervised_tokens``.
+        With ``return_stats=True``: ``(loss, EAFTTokenStats)``.
+
+    Collectives (only when the group has more than one rank): forward, one all-gather of
+    ``[N, 3 + k_l]`` (topk) or ``[N, 4]`` (full) float32 per-token partials (``[N, 3]`` for
+    sft/dft without stats); backward, none. Non-finite logits (NaN, +inf) make that token's
+    loss non-finite rather than being hidden. Bad input raises ``ValueError``/``TypeError``.
+
+    Under ``torch.compile`` this function is a graph break (``torch.compiler.disable``): it runs
+    eagerly inside a compiled model, so the compiler never copies the working buffer.
+    """
+    validate_gate_options(loss_type=loss_type, top_k=top_k, alpha=alpha, entropy=entropy)
+    group = _resolve_tp_group(tp_group)
+    rank, world = _group_rank_size(group)
+    _validate_inputs(vocab_parallel_logits, target, ignore_index, world)
+    vocab_local = vocab_parallel_logits.shape[-1]
+    if chunk_rows is None:
+        chunk_rows = max(1, _CHUNK_BYTES // (4 * vocab_local))
+    elif chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    need_entropy = loss_type == "eaft" or return_stats
+    loss, prob, ent, weight, mask = _VocabParallelEAFT.apply(
+        vocab_parallel_logits,
+        target.long(),
+        loss_type,
+        top_k,
+        float(alpha),
+        entropy,
+        ignore_index,
+        group,
+        need_entropy,
+        chunk_rows,
+    )
+    if return_stats:
+        return loss, EAFTTokenStats(target_prob=prob, entropy=ent, weight=weight, mask=mask)
+    return loss
