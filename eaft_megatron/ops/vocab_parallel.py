@@ -13,7 +13,9 @@ Forward, one pass over the logits, in row chunks that fit the cache:
     ``entropy="full"``, ``T_r = sum exp(z - m_r) * (z - m_r)``.
     Collectives: ONE ``all_gather`` of the per-token partials [N, 3 (+1 full) (+k_l topk)]
     floats (not logits). Every rank then merges them identically:
-    ``M = max_r m_r``, ``S = sum_r exp(m_r - M) S_r``, ``lse = M + log S``,
+    ``M = max_r m_r``, ``S = sum_r exp(m_r - M) S_r``, ``lse = M + log S`` (``S_r`` is kept as
+    ``1 + s_r`` with ``s_r`` summed without the max element, so ``log S = log1p(s)`` keeps its
+    precision on very confident tokens),
     ``CE = lse - z_y``, ``p_y = exp(-CE)``, the global top-k is the top-k of the gathered
     ``[N, k_l * tp]`` local top-k values, full entropy
     ``H = log S - sum_r exp(m_r - M) (T_r + (m_r - M) S_r) / S``.
@@ -77,13 +79,32 @@ def _group_rank_size(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+# torch >= 2.14 renamed all_gather_into_tensor (still present, with a FutureWarning).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _all_gather_partials(partials: torch.Tensor, group, world: int) -> torch.Tensor:
     """[N, C] per rank -> [world, N, C] on every rank (one collective)."""
     if world == 1:
         return partials.unsqueeze(0)
-    out = partials.new_empty((world,) + tuple(partials.shape))
-    dist.all_gather_into_tensor(out, partials.contiguous(), group=group)
-    return out
+    out = partials.new_empty((world * partials.shape[0],) + tuple(partials.shape[1:]))
+    _all_gather_single(out, partials.contiguous(), group=group)
+    return out.view((world,) + tuple(partials.shape))
+
+
+def _entropy_of_sorted_logits(top: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax over each row of ``top`` [N, k], sorted descending.
+
+    Written as ``log1p(s) - sum_i e_i d_i / (1 + s)`` with ``d_i = x_i - x_0 <= 0``,
+    ``e_i = exp(d_i)`` and ``s = sum_{i>0} e_i``, so that a very peaked row (``s`` below fp32
+    epsilon) keeps full relative precision instead of rounding ``1 + s`` to 1.
+    """
+    d = top[:, 1:] - top[:, :1]
+    e = torch.exp(d)
+    s = e.sum(dim=1)
+    # e * d -> 0 as d -> -inf (a -inf logit has probability 0 and adds no entropy)
+    ed = torch.where(e > 0, e * d, torch.zeros_like(e))
+    return torch.log1p(s) - ed.sum(dim=1) / (1.0 + s)
 
 
 class _VocabParallelEAFT(torch.autograd.Function):
@@ -135,9 +156,9 @@ class _VocabParallelEAFT(torch.autograd.Function):
             part[:, 2] = buf.gather(1, local_index[r0:r1, None]).squeeze(1)
             if k_local:
                 part[:, col_topk:] = buf.topk(k_local, dim=1, sorted=False).values
-            row_max = buf.amax(dim=1)
-            part[:, 0] = row_max
-            buf.sub_(row_max[:, None])
+            row_max, argmax = buf.max(dim=1, keepdim=True)
+            part[:, 0] = row_max.squeeze(1)
+            buf.sub_(row_max)
             if want_full:
                 exp_buf = scratch[: r1 - r0]
                 torch.exp(buf, out=exp_buf)
@@ -145,28 +166,35 @@ class _VocabParallelEAFT(torch.autograd.Function):
                 buf.copy_(exp_buf)
             else:
                 buf.exp_()
+            # Sum without the max element (exactly 1): keeps log(1 + s) accurate when s << eps.
+            buf.scatter_(1, argmax, 0.0)
             part[:, 1] = buf.sum(dim=1)
+            buf.scatter_(1, argmax, 1.0)
         del scratch
         partials[:, 2].masked_fill_(~owned, 0.0)
 
         gathered = _all_gather_partials(partials, group, world)  # [world, N, C]
         local_max = gathered[..., 0]
-        global_max = local_max.amax(dim=0)
+        global_max, max_rank = local_max.max(dim=0)
         rescale = torch.exp(local_max - global_max)  # exp(m_r - M), [world, N]
-        sum_exp = (rescale * gathered[..., 1]).sum(dim=0)
-        log_sum_exp = global_max + torch.log(sum_exp)
-        cross_entropy = log_sum_exp - gathered[..., 2].sum(dim=0)
+        # sum_v exp(z_v - M) = 1 + s, with s accumulated without the leading 1 (precision).
+        others = rescale.scatter(0, max_rank.unsqueeze(0), 0.0)
+        s = (rescale * gathered[..., 1]).sum(dim=0) + others.sum(dim=0)
+        log_sum_exp_shifted = torch.log1p(s)  # log sum_v exp(z_v - M)
+        cross_entropy = global_max + log_sum_exp_shifted - gathered[..., 2].sum(dim=0)
         target_prob = torch.exp(-cross_entropy)
 
         entropy = None
         if want_full:
-            shifted = gathered[..., 3] + (local_max - global_max) * gathered[..., 1]
-            entropy = torch.log(sum_exp) - (rescale * shifted).sum(dim=0) / sum_exp
+            # H = log S - sum_v p_v (z_v - M), per rank: exp(m_r - M) (T_r + (m_r - M) S_r) / S
+            local_sum = 1.0 + gathered[..., 1]
+            shifted = gathered[..., 3] + (local_max - global_max) * local_sum
+            entropy = log_sum_exp_shifted - (rescale * shifted).sum(dim=0) / (1.0 + s)
         elif want_topk:
             candidates = gathered[..., col_topk:].permute(1, 0, 2).reshape(n_tokens, -1)
-            if candidates.shape[1] > top_k:
-                candidates = candidates.topk(top_k, dim=1, sorted=False).values
-            entropy = torch.special.entr(torch.softmax(candidates, dim=1)).sum(dim=1)
+            k = min(top_k, candidates.shape[1])
+            top = candidates.topk(k, dim=1, sorted=True).values
+            entropy = _entropy_of_sorted_logits(top)
 
         weight = token_weight(
             loss_type=loss_type, target_prob=target_prob, entropy=entropy, top_k=top_k, alpha=alpha
@@ -175,7 +203,7 @@ class _VocabParallelEAFT(torch.autograd.Function):
         weight = torch.where(valid, weight, zero)
         loss = torch.where(valid, weight * cross_entropy, zero)
 
-        ctx.save_for_backward(work, rescale[rank] / sum_exp, weight, local_index, owned)
+        ctx.save_for_backward(work, rescale[rank] / (1.0 + s), weight, local_index, owned)
         ctx.input_dtype = logits.dtype
         ctx.input_shape = logits.shape
         ctx.chunk_rows = chunk_rows
