@@ -7,15 +7,13 @@ gathered.
 How it works (per TP rank, N tokens, V_l = V/tp local vocabulary, k_l = min(top_k, V_l)):
 
 Forward, one pass over the logits, in row chunks that fit the cache:
-    copy the chunk into the fp32 working buffer ``work`` [N, V_l] (the caller's logits are
-    never written), read the label's logit, the local max ``m_r``, the local top-k values
-    (``entropy="topk"``), then ``work = exp(z - m_r)`` in place, its row sum ``S_r`` and, for
-    ``entropy="full"``, ``T_r = sum exp(z - m_r) * (z - m_r)``.
+    the local max ``m_r`` and top-k values (``entropy="topk"``) read from the input chunk,
+    ``work = exp(z - m_r)`` written to the fp32 working buffer [N, V_l] (the caller's logits are
+    never written), its row sum ``S_r`` and, for ``entropy="full"``,
+    ``T_r = sum exp(z - m_r) * (z - m_r)`` (through a chunk-sized scratch buffer).
     Collectives: ONE ``all_gather`` of the per-token partials [N, 3 (+1 full) (+k_l topk)]
     floats (not logits). Every rank then merges them identically:
-    ``M = max_r m_r``, ``S = sum_r exp(m_r - M) S_r``, ``lse = M + log S`` (``S_r`` is kept as
-    ``1 + s_r`` with ``s_r`` summed without the max element, so ``log S = log1p(s)`` keeps its
-    precision on very confident tokens),
+    ``M = max_r m_r``, ``S = sum_r exp(m_r - M) S_r``, ``lse = M + log S``,
     ``CE = lse - z_y``, ``p_y = exp(-CE)``, the global top-k is the top-k of the gathered
     ``[N, k_l * tp]`` local top-k values, full entropy
     ``H = log S - sum_r exp(m_r - M) (T_r + (m_r - M) S_r) / S``.
@@ -39,10 +37,17 @@ import torch.distributed as dist
 
 from .gates import token_weight, validate_gate_options
 
-# Rows per chunk are chosen so that one chunk of the fp32 working buffer is about this size:
-# large enough that per-op overhead is negligible, small enough to stay in L2 between the
-# cast, max, top-k, exp and sum that each chunk goes through.
-_CHUNK_BYTES = 1 << 20
+# Rows per chunk are chosen so that one chunk of the fp32 working buffer is about this size.
+# CPU: large enough that per-op overhead is negligible, small enough to stay in cache between
+# the max, top-k, shift, exp and sum that each chunk goes through (measured in benchmarks/).
+# GPU: kernels stream from HBM anyway and launches cost, so chunks are as large as practical.
+_CHUNK_BYTES_CPU = 4 << 20
+_CHUNK_BYTES_GPU = 1 << 30
+
+
+def default_chunk_rows(vocab_local: int, device: torch.device) -> int:
+    budget = _CHUNK_BYTES_CPU if device.type == "cpu" else _CHUNK_BYTES_GPU
+    return max(1, budget // (4 * vocab_local))
 
 
 class EAFTTokenStats(NamedTuple):
@@ -137,7 +142,7 @@ class _VocabParallelEAFT(torch.autograd.Function):
         want_topk = need_entropy and entropy_mode == "topk"
         want_full = need_entropy and entropy_mode == "full"
         k_local = min(top_k, vocab_local) if want_topk else 0
-        # Partials columns: 0 local max, 1 sum exp(z - m_r), 2 label logit (0 if not owned),
+        # Partials columns: 0 local max m_r, 1 s_r = sum exp(z - m_r) - 1, 2 label logit (0 if not owned),
         # [3 sum exp(z - m_r) * (z - m_r) for full entropy], [then the k_local top values].
         col_topk = 4 if want_full else 3
         partials = torch.zeros(n_tokens, col_topk + k_local, dtype=torch.float32, device=device)
@@ -148,48 +153,50 @@ class _VocabParallelEAFT(torch.autograd.Function):
             if want_full
             else None
         )
+        # The label's logit (exact in fp32 whatever the input dtype), 0 where not owned.
+        partials[:, 2] = logits_2d.gather(1, local_index[:, None]).squeeze(1)
+        partials[:, 2].masked_fill_(~owned, 0.0)
         for r0 in range(0, n_tokens, chunk_rows):
             r1 = min(r0 + chunk_rows, n_tokens)
+            chunk = logits_2d[r0:r1]  # input dtype; max and top-k are exact on it
             buf = work[r0:r1]
-            buf.copy_(logits_2d[r0:r1])
             part = partials[r0:r1]
-            part[:, 2] = buf.gather(1, local_index[r0:r1, None]).squeeze(1)
             if k_local:
-                part[:, col_topk:] = buf.topk(k_local, dim=1, sorted=False).values
-            row_max, argmax = buf.max(dim=1, keepdim=True)
+                part[:, col_topk:] = chunk.topk(k_local, dim=1, sorted=False).values
+            row_max = chunk.amax(dim=1, keepdim=True).to(torch.float32)
             part[:, 0] = row_max.squeeze(1)
-            buf.sub_(row_max)
             if want_full:
-                exp_buf = scratch[: r1 - r0]
-                torch.exp(buf, out=exp_buf)
-                part[:, 3] = torch.einsum("ij,ij->i", exp_buf, buf)
-                buf.copy_(exp_buf)
+                shifted = scratch[: r1 - r0]
+                torch.sub(chunk, row_max, out=shifted)  # z - m_r, fp32
+                torch.exp(shifted, out=buf)
+                # s_r = S_r - 1 accumulated in fp64: log(1 + s) and the full entropy keep
+                # their relative precision on confident tokens (s below fp32 epsilon).
+                part[:, 1] = buf.sum(dim=1, dtype=torch.float64) - 1.0
+                part[:, 3] = torch.mul(shifted, buf, out=shifted).sum(dim=1)
             else:
+                torch.sub(chunk, row_max, out=buf)
                 buf.exp_()
-            # Sum without the max element (exactly 1): keeps log(1 + s) accurate when s << eps.
-            buf.scatter_(1, argmax, 0.0)
-            part[:, 1] = buf.sum(dim=1)
-            buf.scatter_(1, argmax, 1.0)
+                part[:, 1] = buf.sum(dim=1) - 1.0
         del scratch
-        partials[:, 2].masked_fill_(~owned, 0.0)
 
         gathered = _all_gather_partials(partials, group, world)  # [world, N, C]
         local_max = gathered[..., 0]
         global_max, max_rank = local_max.max(dim=0)
         rescale = torch.exp(local_max - global_max)  # exp(m_r - M), [world, N]
-        # sum_v exp(z_v - M) = 1 + s, with s accumulated without the leading 1 (precision).
+        # S = sum_v exp(z_v - M) = sum_r exp(m_r - M) (1 + s_r) = 1 + s, with the leading 1
+        # (the global max) kept out of the sum so that log S = log1p(s) stays precise.
         others = rescale.scatter(0, max_rank.unsqueeze(0), 0.0)
         s = (rescale * gathered[..., 1]).sum(dim=0) + others.sum(dim=0)
-        log_sum_exp_shifted = torch.log1p(s)  # log sum_v exp(z_v - M)
+        sum_exp = 1.0 + s
+        log_sum_exp_shifted = torch.log1p(s)
         cross_entropy = global_max + log_sum_exp_shifted - gathered[..., 2].sum(dim=0)
         target_prob = torch.exp(-cross_entropy)
 
         entropy = None
         if want_full:
             # H = log S - sum_v p_v (z_v - M), per rank: exp(m_r - M) (T_r + (m_r - M) S_r) / S
-            local_sum = 1.0 + gathered[..., 1]
-            shifted = gathered[..., 3] + (local_max - global_max) * local_sum
-            entropy = log_sum_exp_shifted - (rescale * shifted).sum(dim=0) / (1.0 + s)
+            shifted = gathered[..., 3] + (local_max - global_max) * (1.0 + gathered[..., 1])
+            entropy = log_sum_exp_shifted - (rescale * shifted).sum(dim=0) / sum_exp
         elif want_topk:
             candidates = gathered[..., col_topk:].permute(1, 0, 2).reshape(n_tokens, -1)
             k = min(top_k, candidates.shape[1])
@@ -203,7 +210,7 @@ class _VocabParallelEAFT(torch.autograd.Function):
         weight = torch.where(valid, weight, zero)
         loss = torch.where(valid, weight * cross_entropy, zero)
 
-        ctx.save_for_backward(work, rescale[rank] / (1.0 + s), weight, local_index, owned)
+        ctx.save_for_backward(work, rescale[rank] / sum_exp, weight, local_index, owned)
         ctx.input_dtype = logits.dtype
         ctx.input_shape = logits.shape
         ctx.chunk_rows = chunk_rows
@@ -245,12 +252,16 @@ class _VocabParallelEAFT(torch.autograd.Function):
         for i, r0 in enumerate(range(0, n_tokens, step)):
             r1 = min(r0 + step, n_tokens)
             buf = work[r0:r1]
-            buf.mul_(row_scale[r0:r1, None])
             lo, hi = bounds[i], bounds[i + 1]
-            if hi > lo:
-                buf[owned_rows[lo:hi] - r0, owned_cols[lo:hi]] -= owned_grad[lo:hi]
-            if grad_2d is not work:
-                grad_2d[r0:r1].copy_(buf)
+            rows, cols = owned_rows[lo:hi] - r0, owned_cols[lo:hi]
+            if grad_2d is work:
+                buf.mul_(row_scale[r0:r1, None])
+                buf[rows, cols] -= owned_grad[lo:hi]
+            else:  # scale and cast in one pass; the label entries are redone in fp32
+                out = grad_2d[r0:r1]
+                torch.mul(buf, row_scale[r0:r1, None], out=out)
+                label = buf[rows, cols] * row_scale[owned_rows[lo:hi]] - owned_grad[lo:hi]
+                out[rows, cols] = label.to(out.dtype)
         return (grad_2d.view(ctx.input_shape),) + (None,) * 9
 
 
@@ -317,7 +328,8 @@ def vocab_parallel_eaft_cross_entropy(
             ``parallel_state`` is initialised, otherwise no tensor parallelism.
         return_stats: also return :class:`EAFTTokenStats` (target probability, entropy, gate
             weight, mask) from the same pass, for logging.
-        chunk_rows: rows per chunk of the fused forward pass (default: about 1 MiB of fp32).
+        chunk_rows: rows per chunk of the forward and backward passes (default: about
+            4 MiB of fp32 on CPU, 1 GiB on GPU).
 
     Returns:
         The per-token loss ``w_t * CE_t``: float32, shape of ``target``, exactly 0 where
@@ -338,7 +350,7 @@ def vocab_parallel_eaft_cross_entropy(
     _validate_inputs(vocab_parallel_logits, target, ignore_index, world)
     vocab_local = vocab_parallel_logits.shape[-1]
     if chunk_rows is None:
-        chunk_rows = max(1, _CHUNK_BYTES // (4 * vocab_local))
+        chunk_rows = default_chunk_rows(vocab_local, vocab_parallel_logits.device)
     elif chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     need_entropy = loss_type == "eaft" or return_stats
