@@ -24,8 +24,10 @@ Backward, no collective:
     (``softmax = work * exp(m_r - M) / S``) and returned in the input dtype.
 
 Memory: ``work`` (fp32, size of the logits shard) is the only [N, V_l] tensor kept from forward
-to backward; with an fp32 input it is returned as the gradient itself, with bf16/fp16 input the
-gradient is written chunk by chunk into a new tensor of the input dtype.
+to backward, and the only one created in backward: with an fp32 input it is returned as the
+gradient itself, with bf16/fp16 input the gradient is written chunk by chunk over the front half
+of its storage. Peak extra memory is therefore 4 bytes per logit (Megatron's own CE: 6 for bf16
+input, as its fp32 gradient is cast to bf16 by autograd; 0 for fp32 input, which it overwrites).
 """
 
 from __future__ import annotations
@@ -241,10 +243,18 @@ class _VocabParallelEAFT(torch.autograd.Function):
         owned_cols = local_index[owned_rows]
         owned_grad = row_grad[owned_rows]
 
-        if ctx.input_dtype == torch.float32:
-            grad_2d = work
+        dtype = ctx.input_dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if dtype == torch.float32:
+            grad_2d = work  # the working buffer becomes the gradient
+        elif itemsize < 4:
+            # bf16/fp16: write the gradient over the front of the fp32 buffer's own storage, so
+            # that no second [N, V_l] tensor exists during backward. Chunk i of the gradient
+            # only covers fp32 rows already consumed, except where it overlaps its own source
+            # chunk (the first ones): those go through a chunk-sized temporary.
+            grad_2d = work.view(-1).view(dtype)[: work.numel()].view(work.shape)
         else:
-            grad_2d = torch.empty(work.shape, dtype=ctx.input_dtype, device=work.device)
+            grad_2d = torch.empty(work.shape, dtype=dtype, device=work.device)
         step = ctx.chunk_rows
         bounds = torch.searchsorted(
             owned_rows, torch.arange(0, n_tokens + step, step, device=work.device)
@@ -257,11 +267,15 @@ class _VocabParallelEAFT(torch.autograd.Function):
             if grad_2d is work:
                 buf.mul_(row_scale[r0:r1, None])
                 buf[rows, cols] -= owned_grad[lo:hi]
-            else:  # scale and cast in one pass; the label entries are redone in fp32
-                out = grad_2d[r0:r1]
-                torch.mul(buf, row_scale[r0:r1, None], out=out)
-                label = buf[rows, cols] * row_scale[owned_rows[lo:hi]] - owned_grad[lo:hi]
-                out[rows, cols] = label.to(out.dtype)
+                continue
+            # scale and cast in one pass; the label entries are redone in fp32
+            label = buf[rows, cols] * row_scale[owned_rows[lo:hi]] - owned_grad[lo:hi]
+            overlaps = itemsize < 4 and r1 * itemsize > r0 * 4
+            out = torch.empty_like(grad_2d[r0:r1]) if overlaps else grad_2d[r0:r1]
+            torch.mul(buf, row_scale[r0:r1, None], out=out)
+            out[rows, cols] = label.to(dtype)
+            if overlaps:
+                grad_2d[r0:r1].copy_(out)
         return (grad_2d.view(ctx.input_shape),) + (None,) * 9
 
 

@@ -308,3 +308,15 @@ def _megatron_peer_worker(rank, world):
 
 def test_sft_equals_megatron_vocab_parallel_cross_entropy_tp2():
     assert spawn(_megatron_peer_worker, 2) == [True, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_only_one_logits_sized_buffer_survives_forward(dtype):
+    n, vocab = 12, 64
+    x = torch.randn(n, vocab, dtype=dtype, requires_grad=True)
+    loss = vocab_parallel_eaft_cross_entropy(x, torch.randint(0, vocab, (n,)), chunk_rows=5)
+    saved = loss.grad_fn.saved_tensors
+    big = [t for t in saved if t.numel() >= n * vocab]
+    assert len(big) == 1 and big[0].dtype == torch.float32, [(t.shape, t.dtype) for t in saved]
+    assert all(t.numel() <= n for t in saved if t is not big[0])
+    assert big[0].untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
