@@ -12,6 +12,7 @@ gradient norm and post-step losses through megatron's DDP, distributed optimizer
 from __future__ import annotations
 
 import io
+import logging
 from functools import partial
 
 import pytest
@@ -69,7 +70,10 @@ def _build_gpt(*, tie: bool, init_seed: bool = True):
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=96, normalization="RMSNorm", gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
-        attention_dropout=0.0, **cpu.cpu_transformer_config_kwargs(),
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        **cpu.cpu_transformer_config_kwargs(),
     )
     return GPTModel(
         config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=VOCAB,
@@ -106,6 +110,20 @@ def _tp_forward_backward(rank, world_size):
     assert cpu.install_cpu_compat() is True
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
     model = _build_gpt(tie=True)
+    # Megatron's CUDA RNG tracker on the CPU generator: a fork draws from the TP-rank's stream
+    # and restores the default stream, without the "RNG changed inside fork" warning.
+    records = []
+    rng_logger = logging.getLogger(tensor_parallel.random.__name__)
+    handler = logging.Handler()
+    handler.emit = records.append
+    rng_logger.addHandler(handler)
+    before = torch.get_rng_state()
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        rng = dict(fork=torch.rand(4))
+    assert torch.equal(torch.get_rng_state(), before), "fork did not restore the CPU RNG"
+    rng["default"] = torch.rand(4)
+    rng_logger.removeHandler(handler)
+    assert not records, [r.getMessage() for r in records]
     batch = _batches()[0]
     logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, vocab / tp]
     full_logits = _gather_tp(logits, dim=-1)
@@ -113,19 +131,19 @@ def _tp_forward_backward(rank, world_size):
     (loss * batch["loss_mask"]).sum().backward()
     params = dict(model.named_parameters())
     out = dict(
-        logits=full_logits, loss=loss.detach(),
+        logits=full_logits, loss=loss.detach(), rng=rng,
         weights={n: _full(p, p) for n, p in params.items()},
         grads={n: _full(p, p.grad) for n, p in params.items()},
     )
     parallel_state.destroy_model_parallel()
-    return out
+    return _pack(out)
 
 
-def _pp_train(rank, world_size, state_dict=None):
+def _pp_train(rank, world_size, state_dict: bytes | None = None):
     """Two iterations of DDP + distributed Adam through megatron's schedule at PP=world_size.
 
-    Loads ``state_dict`` (a PP=1 model's) into this stage when given; returns the stage's
-    state dict (PP=1 only), per-micro-batch losses of both iterations and the grad norm.
+    Loads ``state_dict`` (a packed PP=1 model's) into this stage when given; returns the
+    stage's state dict (PP=1 only), per-micro-batch losses of both iterations and the grad norm.
     """
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -138,6 +156,7 @@ def _pp_train(rank, world_size, state_dict=None):
     model = _build_gpt(tie=False)
     initial = {k: v.clone() for k, v in model.state_dict().items() if v is not None}
     if state_dict is not None:
+        state_dict = _unpack(state_dict)
         local = dict(initial)
         for i, layer in enumerate(model.decoder.layers):  # local index -> global layer number
             for k in initial:
@@ -188,14 +207,14 @@ def _pp_train(rank, world_size, state_dict=None):
                state_dict=initial if state_dict is None else None,
                last_stage=parallel_state.is_pipeline_last_stage())
     parallel_state.destroy_model_parallel()
-    return out
+    return _pack(out)
 
 
 def _reference(rank, world_size):
     assert world_size == 1
     tp = _tp_forward_backward(rank, world_size)
     pp = _pp_train(rank, world_size)
-    return dict(tp=tp, pp=pp)
+    return dict(tp=tp, pp=pp)  # both packed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,18 +223,21 @@ def _reference(rank, world_size):
 
 @pytest.fixture(scope="module")
 def reference():
-    return spawn(_reference, 1)[0]
+    return {k: _unpack(v) for k, v in spawn(_reference, 1)[0].items()}
 
 
 def test_tensor_parallel_2_matches_tp1(reference):
     ref = reference["tp"]
-    for rank, got in enumerate(spawn(_tp_forward_backward, 2)):
+    for rank, got in enumerate(map(_unpack, spawn(_tp_forward_backward, 2))):
         assert got["weights"].keys() == ref["weights"].keys()
         for name, w in ref["weights"].items():  # same seed, CPU init: identical weights
             assert torch.equal(got["weights"][name], w), f"rank {rank} weight {name}"
         torch.testing.assert_close(got["logits"], ref["logits"], atol=1e-5, rtol=1e-5,
                                    msg=lambda m: f"rank {rank} logits: {m}")
         torch.testing.assert_close(got["loss"], ref["loss"], atol=1e-5, rtol=1e-5)
+        # Default stream: same seed on every TP rank; tracker stream: seed + 2718 + tp_rank.
+        assert torch.equal(got["rng"]["default"], ref["rng"]["default"])
+        assert torch.equal(got["rng"]["fork"], ref["rng"]["fork"]) == (rank == 0)
         for name, g in ref["grads"].items():
             assert g.abs().max() > 0, name
             torch.testing.assert_close(got["grads"][name], g, atol=1e-5, rtol=1e-4,
@@ -224,7 +246,7 @@ def test_tensor_parallel_2_matches_tp1(reference):
 
 def test_pipeline_parallel_2_matches_pp1(reference):
     ref = reference["pp"]
-    results = spawn(_pp_train, 2, ref["state_dict"])
+    results = [_unpack(r) for r in spawn(_pp_train, 2, _pack(ref["state_dict"]))]
     assert [r["last_stage"] for r in results] == [False, True]
     got = results[1]
     for step in range(2):
