@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -40,7 +41,9 @@ def _worker(rank, world_size, port, fn, args, env, results):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        results.put((rank, True, out))
+        # Plain pickle (not the queue's shared-memory reducer): tensors shared through file
+        # descriptors vanish when this process exits before the parent reads them.
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -72,7 +75,7 @@ def spawn(
                 errors.append(f"timed out after {timeout}s waiting for ranks")
                 break
             if ok:
-                outputs[rank] = payload
+                outputs[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break  # peers may now block in a collective: stop waiting

@@ -57,15 +57,14 @@ def _batches() -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _build_gpt(*, tie: bool, init_seed: bool = True):
+def _build_gpt(*, tie: bool):
     """A tiny GPT on the current parallel state; seeds megatron's RNG first."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    if init_seed:
-        tensor_parallel.model_parallel_cuda_manual_seed(SEED)
+    tensor_parallel.model_parallel_cuda_manual_seed(SEED)  # also reseeds the CPU generator
     config = TransformerConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=96, normalization="RMSNorm", gated_linear_unit=True,
