@@ -1,6 +1,8 @@
 """The ``eaft-megatron`` console command.
 
     eaft-megatron info          # versions, devices and optional accelerations found
+    eaft-megatron convert hf-to-megatron --hf DIR --out DIR [--tp N --pp M] [--dtype bf16]
+    eaft-megatron convert megatron-to-hf --megatron DIR --out DIR [--dtype bf16]
 
 Sub-commands are registered here and implemented in their own modules (conversion, data
 preparation, training, demo), imported only when used so that ``--help`` stays fast.
@@ -33,6 +35,48 @@ def _info(_args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from .convert import ConversionError, hf_to_megatron, megatron_to_hf
+
+    try:
+        if args.direction == "hf-to-megatron":
+            out = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                                 force=args.force)
+        else:
+            out = megatron_to_hf(args.megatron, args.out, dtype=args.dtype,
+                                 hf_config=args.hf_config, iteration=args.iteration,
+                                 force=args.force)
+    except ConversionError as e:
+        print(f"eaft-megatron convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_convert(sub) -> None:
+    convert = sub.add_parser("convert", help="convert checkpoints between HF and Megatron-Core")
+    directions = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    dtypes = ["bf16", "fp16", "fp32"]
+    h2m = directions.add_parser("hf-to-megatron",
+                                help="HF model directory -> Megatron-Core torch_dist checkpoint")
+    h2m.add_argument("--hf", required=True, help="local HF model directory (safetensors)")
+    h2m.add_argument("--out", required=True, help="output checkpoint directory")
+    h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check and pad for")
+    h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check for")
+    h2m.add_argument("--dtype", choices=dtypes, default=None, help="default: the HF config's")
+    h2m.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    m2h = directions.add_parser("megatron-to-hf",
+                                help="Megatron-Core checkpoint (converted or trained) -> HF")
+    m2h.add_argument("--megatron", required=True, help="checkpoint root (or iter_XXXXXXX dir)")
+    m2h.add_argument("--out", required=True, help="output HF directory")
+    m2h.add_argument("--dtype", choices=dtypes, default=None, help="default: the HF config's")
+    m2h.add_argument("--hf-config", default=None,
+                     help="HF config/tokenizer directory (default: the one stored in the checkpoint)")
+    m2h.add_argument("--iteration", type=int, default=None, help="default: the latest")
+    m2h.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    convert.set_defaults(func=_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eaft-megatron",
@@ -43,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = sub.add_parser("info", help="print versions and the devices found")
     info.set_defaults(func=_info)
+    _add_convert(sub)
     return parser
 
 

@@ -1,0 +1,154 @@
+"""Megatron-Core distributed checkpoints (torch_dist) of a model, as Megatron-LM lays them out.
+
+    <root>/latest_checkpointed_iteration.txt     "0" (or "release")
+    <root>/iter_0000000/                           dist_checkpointing.save(...) output
+
+The state written is the one ``megatron.training`` writes (``model`` = the model's sharded
+state dict, ``iteration``, ``checkpoint_version``, ``args`` with the parallel sizes), so
+``pretrain(..., --load/--finetune)`` reads it; torch_dist stores global tensors, so it loads at
+any TP/PP that divides the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .io import ConversionError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir_name(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def find_iteration_dir(root: str | os.PathLike, iteration: int | None = None) -> Path:
+    """The ``iter_XXXXXXX`` (or ``release``) directory of a checkpoint root."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConversionError(f"Megatron checkpoint directory {root} does not exist")
+    if iteration is None:
+        tracker = root / TRACKER
+        if not tracker.is_file():
+            if (root / ".metadata").is_file():  # pointed at an iteration directory itself
+                return root
+            raise ConversionError(
+                f"{root} is not a Megatron checkpoint: no {TRACKER} (and no .metadata)"
+            )
+        text = tracker.read_text().strip()
+        if text != "release" and not text.isdigit():
+            raise ConversionError(f"corrupt {tracker}: {text!r} is not an iteration number")
+        name = iteration_dir_name(text if text == "release" else int(text))
+    else:
+        name = iteration_dir_name(iteration)
+    path = root / name
+    if not (path / ".metadata").is_file():
+        raise ConversionError(f"checkpoint iteration directory {path} is missing or incomplete "
+                              f"(no .metadata)")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def megatron_process_group(tp: int = 1, pp: int = 1):
+    """Make sure torch.distributed and Megatron's parallel state exist (a one-process gloo
+    group when run outside torchrun), with the CPU layer when there is no GPU; undo on exit
+    whatever this call set up."""
+    from megatron.core import parallel_state
+
+    from ..compat import install_cpu_compat
+
+    install_cpu_compat()
+    created_pg = False
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        created_pg = True
+    created_mp = False
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+        created_mp = True
+    try:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(1234)
+        yield
+    finally:
+        if created_mp:
+            parallel_state.destroy_model_parallel()
+        if created_pg:
+            dist.destroy_process_group()
+
+
+def save_model_checkpoint(
+    models: list[torch.nn.Module], root: Path, *, iteration: int = 0, args: dict | None = None
+) -> Path:
+    """Write ``models`` (one per virtual pipeline chunk) as a Megatron-LM torch_dist checkpoint
+    under ``root``; every rank of the model-parallel group calls this."""
+    from megatron.core import dist_checkpointing
+
+    path = root / iteration_dir_name(iteration)
+    if dist.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    state = {
+        "checkpoint_version": 3.0,
+        "iteration": iteration,
+        "args": argparse.Namespace(**(args or {})),
+    }
+    if len(models) == 1:
+        state["model"] = models[0].sharded_state_dict()
+    else:
+        for i, m in enumerate(models):
+            state[f"model{i}"] = m.sharded_state_dict()
+    dist_checkpointing.save(state, str(path))
+    if dist.get_rank() == 0:
+        tmp = root / (TRACKER + ".tmp")
+        tmp.write_text(str(iteration))
+        os.replace(tmp, root / TRACKER)
+    dist.barrier()
+    return path
+
+
+def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> None:
+    """Fill ``models`` from a torch_dist checkpoint (converted or written by the trainer, any
+    TP/PP); every parameter must be found, extra entries (optimizer state...) are ignored."""
+    from megatron.core import dist_checkpointing
+
+    if len(models) == 1:
+        sharded = {"model": models[0].sharded_state_dict()}
+    else:
+        sharded = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
+    try:
+        loaded = dist_checkpointing.load(sharded, str(iteration_dir))
+    except Exception as e:  # missing keys / shape mismatches surface here
+        raise ConversionError(f"cannot load model weights from {iteration_dir}: {e}") from e
+    for i, m in enumerate(models):
+        sd = loaded["model"] if len(models) == 1 else loaded[f"model{i}"]
+        missing, unexpected = m.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing:
+            raise ConversionError(f"checkpoint {iteration_dir} lacks parameters: {missing[:10]}")
+
+
+def checkpoint_tensor_shapes(iteration_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Global shape and dtype of every tensor stored in a torch_dist checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(iteration_dir))
+    return {k: (tuple(v.global_shape), v.dtype) for k, v in meta.items()}

@@ -1,0 +1,226 @@
+"""HF config -> Megatron-Core ``TransformerConfig`` and ``GPTModel`` keyword arguments.
+
+    from transformers import AutoConfig
+    hf = AutoConfig.from_pretrained("/path/to/Qwen3-8B")  # a local directory
+    check_parallel_sizes(hf, tp=2, pp=2)
+    config = transformer_config_from_hf(hf, tensor_model_parallel_size=2,
+                                        pipeline_model_parallel_size=2, bf16=True,
+                                        params_dtype=torch.bfloat16)
+    kwargs = gpt_model_kwargs(hf, tp=2)  # vocab_size (padded), rotary_percent, rotary_base, ...
+
+Read from the loaded config object, never from the raw json: ``transformers`` fills defaults
+that config.json may omit (GLM's ``partial_rotary_factor`` 0.5) and, from version 5 on, keeps
+``rope_theta`` / ``partial_rotary_factor`` in ``config.rope_parameters``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .registry import get_arch
+from .spec import ArchSpec, ModelDims
+
+__all__ = [
+    "ARCH_CONFIG_FIELDS",
+    "check_config_matches",
+    "check_parallel_sizes",
+    "default_transformer_impl",
+    "gpt_model_kwargs",
+    "padded_vocab_size",
+    "rope_from_hf",
+    "te_available",
+    "transformer_config_from_hf",
+]
+
+# TransformerConfig fields that transformer_config_from_hf derives from the HF config: callers
+# may not override them, and check_config_matches compares them.
+ARCH_CONFIG_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "normalization", "layernorm_epsilon", "gated_linear_unit", "add_bias_linear",
+    "add_qkv_bias", "qk_layernorm", "rotary_interleaved",
+)
+
+
+def te_available() -> bool:
+    """Whether megatron-core found transformer-engine (its own ``HAVE_TE``)."""
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    return bool(HAVE_TE)
+
+
+def default_transformer_impl() -> str:
+    """``"transformer_engine"`` when TE is importable, else ``"local"``.
+
+    This is the default of :func:`transformer_config_from_hf`, of ``build_gpt_model`` and
+    (through ``te=None``) of the name mappings, so the three agree unless told otherwise.
+    """
+    return "transformer_engine" if te_available() else "local"
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron's padding rule: the next multiple of ``divisible_by * tp`` (>= vocab_size).
+
+    Note that the result depends on ``tp``: a checkpoint meant to load at several TP sizes
+    should fix one padded size (e.g. from the largest TP) and pass it everywhere.
+    """
+    if vocab_size < 1 or tp < 1 or divisible_by < 1:
+        raise ValueError(
+            f"vocab_size={vocab_size}, tp={tp} and divisible_by={divisible_by} must be >= 1"
+        )
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def check_parallel_sizes(hf_config: Any, tp: int, pp: int) -> None:
+    """Raise ValueError unless TP divides the heads, query groups and FFN size, and PP divides
+    the layers (uneven pipeline stages are not supported)."""
+    d = ModelDims.from_hf(hf_config)
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tensor and pipeline parallel sizes must be >= 1; got tp={tp}, pp={pp}")
+    for what, n in (("num_attention_heads", d.num_attention_heads),
+                    ("num_key_value_heads (query groups)", d.num_query_groups),
+                    ("intermediate_size", d.ffn_hidden_size)):
+        if n % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide {what}={n}")
+    if d.num_layers % pp:
+        raise ValueError(
+            f"pipeline parallel size {pp} does not divide num_hidden_layers={d.num_layers} "
+            "(uneven pipeline stages are not supported)"
+        )
+
+
+def rope_from_hf(hf_config: Any, arch: ArchSpec | None = None) -> tuple[float, float]:
+    """(rope_theta, partial_rotary_factor) of a HF config, transformers 4.x or 5.x.
+
+    Only plain RoPE is supported: a scaled variant (yarn, linear, dynamic, llama3) raises.
+    """
+    arch = arch or get_arch(hf_config)
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})  # transformers 4.x
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    if rope_type not in (None, "default"):
+        raise ValueError(
+            f"{arch.hf_architecture}: rope type {rope_type!r} is not supported (only 'default')"
+        )
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    if theta is None:
+        raise ValueError(f"{arch.hf_architecture}: the HF config has no rope_theta")
+    factor = params.get("partial_rotary_factor",
+                        getattr(hf_config, "partial_rotary_factor", None))
+    if factor is None:
+        factor = arch.partial_rotary_factor
+    if not 0 < factor <= 1:
+        raise ValueError(f"partial_rotary_factor={factor} is not in (0, 1]")
+    return float(theta), float(factor)
+
+
+def _check_supported(hf_config: Any, arch: ArchSpec) -> None:
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{arch.hf_architecture}: hidden_act={act!r} is not supported ('silu')")
+    if getattr(hf_config, "use_sliding_window", False):
+        raise ValueError(f"{arch.hf_architecture}: use_sliding_window=True is not supported")
+    for attr, why in arch.unsupported:
+        if getattr(hf_config, attr, False):
+            raise ValueError(
+                f"{arch.hf_architecture}: {attr}={getattr(hf_config, attr)!r} is not supported: "
+                f"{why}"
+            )
+
+
+def transformer_config_from_hf(hf_config: Any, **overrides: Any):
+    """A Megatron-Core ``TransformerConfig`` for a HF Qwen2/Qwen3/GLM-4/GLM-4-0414 config.
+
+    ``overrides`` set everything that is not architecture (``ARCH_CONFIG_FIELDS`` raise):
+    ``tensor_model_parallel_size``, ``pipeline_model_parallel_size``, ``sequence_parallel``,
+    ``params_dtype``, ``bf16``, ``use_cpu_initialization``, ``perform_initialization``, the
+    fusion flags, dropouts, ``transformer_impl`` (default :func:`default_transformer_impl`).
+    With PP > 1, ``pipeline_dtype`` defaults to ``params_dtype``. Dropouts default to the HF
+    values (0.0), not Megatron's 0.1.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    arch = get_arch(hf_config)
+    _check_supported(hf_config, arch)
+    rope_from_hf(hf_config, arch)  # reject unsupported rotary early
+    clash = sorted(set(overrides) & set(ARCH_CONFIG_FIELDS))
+    if clash:
+        raise ValueError(f"{clash} are read from the HF config and cannot be overridden")
+    d = ModelDims.from_hf(hf_config)
+    tp = overrides.get("tensor_model_parallel_size", 1)
+    pp = overrides.get("pipeline_model_parallel_size", 1)
+    check_parallel_sizes(hf_config, tp, pp)
+
+    kwargs: dict[str, Any] = dict(
+        num_layers=d.num_layers,
+        hidden_size=d.hidden_size,
+        ffn_hidden_size=d.ffn_hidden_size,
+        num_attention_heads=d.num_attention_heads,
+        num_query_groups=d.num_query_groups,
+        kv_channels=d.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=float(hf_config.rms_norm_eps),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.flags(hf_config)["qkv_bias"],
+        qk_layernorm=arch.qk_layernorm,
+        rotary_interleaved=arch.rotary_interleaved,
+        hidden_dropout=0.0,
+        attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
+        init_method_std=float(getattr(hf_config, "initializer_range", 0.02)),
+        transformer_impl=default_transformer_impl(),
+    )
+    kwargs.update(overrides)
+    if pp > 1 and "pipeline_dtype" not in overrides:
+        kwargs["pipeline_dtype"] = kwargs.get("params_dtype", torch.float32)
+    return TransformerConfig(**kwargs)
+
+
+def check_config_matches(hf_config: Any, config: Any) -> None:
+    """Raise ValueError if a ``TransformerConfig`` made elsewhere (e.g. by Megatron-LM from its
+    arguments) disagrees with the HF config on any architecture field."""
+    expected = transformer_config_from_hf(hf_config, transformer_impl="local")
+    wrong = [
+        f"{f}={getattr(config, f, None)!r} (HF config: {getattr(expected, f)!r})"
+        for f in ARCH_CONFIG_FIELDS
+        if getattr(config, f, None) != getattr(expected, f)
+    ]
+    if getattr(config, "activation_func", None) is not F.silu:
+        wrong.append(f"activation_func={getattr(config, 'activation_func', None)!r} (HF: silu)")
+    check_parallel_sizes(hf_config, config.tensor_model_parallel_size,
+                         config.pipeline_model_parallel_size)
+    if wrong:
+        raise ValueError(
+            f"{get_arch(hf_config).hf_architecture}: TransformerConfig does not match the HF "
+            f"config: {'; '.join(wrong)}"
+        )
+
+
+def gpt_model_kwargs(hf_config: Any, *, padded_vocab: int | None = None, tp: int = 1
+                     ) -> dict[str, Any]:
+    """``GPTModel`` keyword arguments besides config / spec / pre- and post-process.
+
+    ``padded_vocab`` defaults to :func:`padded_vocab_size` (vocab, tp); pass the checkpoint's
+    padded size when loading one made at another TP.
+    """
+    arch = get_arch(hf_config)
+    theta, factor = rope_from_hf(hf_config, arch)
+    vocab = hf_config.vocab_size
+    if padded_vocab is None:
+        padded_vocab = padded_vocab_size(vocab, tp)
+    if padded_vocab < vocab or padded_vocab % tp:
+        raise ValueError(
+            f"padded_vocab={padded_vocab} must be >= vocab_size={vocab} and divisible by tp={tp}"
+        )
+    return dict(
+        vocab_size=padded_vocab,
+        max_sequence_length=hf_config.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=factor,
+        rotary_base=int(theta) if theta.is_integer() else theta,
+        share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+    )

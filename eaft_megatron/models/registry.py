@@ -1,0 +1,34 @@
+"""HF ``architectures[0]`` -> :class:`~eaft_megatron.models.spec.ArchSpec`.
+
+To add an architecture (e.g. Qwen3-MoE, GLM-4.5), write its table in its own file next to
+``qwen3.py`` and list it in ``ARCHITECTURES``; ``spec.py``'s docstring says what MoE adds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .glm import GLM
+from .glm4 import GLM4
+from .qwen2 import QWEN2
+from .qwen3 import QWEN3
+from .spec import ArchSpec
+
+__all__ = ["ARCHITECTURES", "get_arch"]
+
+ARCHITECTURES: dict[str, ArchSpec] = {a.hf_architecture: a for a in (QWEN2, QWEN3, GLM, GLM4)}
+
+
+def get_arch(hf_config: Any) -> ArchSpec:
+    """The spec for ``hf_config.architectures[0]`` (a ``transformers`` config object).
+
+    Raises ValueError naming the architecture and listing the supported ones.
+    """
+    archs = getattr(hf_config, "architectures", None) or []
+    name = archs[0] if archs else None
+    if name not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {name!r} (config.architectures={archs!r}); "
+            f"supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return ARCHITECTURES[name]
