@@ -59,6 +59,7 @@ class EAFTTokenStats(NamedTuple):
     softmax (``entropy="topk"``) or the full vocabulary (``entropy="full"``).
     """
 
+    cross_entropy: torch.Tensor  # CE_t = -log p_t(y_t), unweighted (plain SFT loss)
     target_prob: torch.Tensor  # p_t(y_t) under the full softmax
     entropy: torch.Tensor  # H_t used by the gate
     weight: torch.Tensor  # w_t applied to CE_t (1 for sft)
@@ -217,14 +218,16 @@ class _VocabParallelEAFT(torch.autograd.Function):
         ctx.input_shape = logits.shape
         ctx.chunk_rows = chunk_rows
 
+        stats_ce = torch.where(valid, cross_entropy, zero)
         stats_prob = torch.where(valid, target_prob, zero)
         stats_entropy = torch.where(valid, entropy, zero) if entropy is not None else None
         if stats_entropy is None:
             stats_entropy = torch.zeros_like(stats_prob)
-        ctx.mark_non_differentiable(stats_prob, stats_entropy, weight, valid)
+        ctx.mark_non_differentiable(stats_ce, stats_prob, stats_entropy, weight, valid)
         shape = target.shape
         return (
             loss.view(shape),
+            stats_ce.view(shape),
             stats_prob.view(shape),
             stats_entropy.view(shape),
             weight.view(shape),
@@ -341,7 +344,7 @@ def vocab_parallel_eaft_cross_entropy(
         tp_group: the tensor-parallel group; None means Megatron-Core's TP group when
             ``parallel_state`` is initialised, otherwise no tensor parallelism.
         return_stats: also return :class:`EAFTTokenStats` (target probability, entropy, gate
-            weight, mask) from the same pass, for logging.
+            weight, mask, unweighted CE) from the same pass, for logging.
         chunk_rows: rows per chunk of the forward and backward passes (default: about
             4 MiB of fp32 on CPU, 1 GiB on GPU).
 
@@ -368,7 +371,7 @@ def vocab_parallel_eaft_cross_entropy(
     elif chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     need_entropy = loss_type == "eaft" or return_stats
-    loss, prob, ent, weight, mask = _VocabParallelEAFT.apply(
+    loss, ce, prob, ent, weight, mask = _VocabParallelEAFT.apply(
         vocab_parallel_logits,
         target.long(),
         loss_type,
@@ -381,5 +384,7 @@ def vocab_parallel_eaft_cross_entropy(
         chunk_rows,
     )
     if return_stats:
-        return loss, EAFTTokenStats(target_prob=prob, entropy=ent, weight=weight, mask=mask)
+        stats = EAFTTokenStats(cross_entropy=ce, target_prob=prob, entropy=ent, weight=weight,
+                               mask=mask)
+        return loss, stats
     return loss

@@ -66,6 +66,9 @@ def _check_against_reference(
     torch.testing.assert_close(stats.entropy.reshape(-1).double(), ref_h, atol=1e-4, rtol=1e-4,
                                msg=lambda m: f"{what} entropy: {m}")
     assert torch.equal(stats.mask.reshape(-1), ~ignored)
+    ref_ce = torch.where(ignored, 0.0, -torch.log(ref_p))
+    torch.testing.assert_close(stats.cross_entropy.reshape(-1).double(), ref_ce, atol=tol * 10,
+                               rtol=tol, msg=lambda m: f"{what} cross_entropy: {m}")
     torch.testing.assert_close(
         shard.grad.reshape(n, vl).double(), ref_grad, atol=grad_tol, rtol=grad_tol * 4,
         msg=lambda m: f"{what} grad: {m}",
