@@ -93,8 +93,10 @@ def _build_model(hf_config, *, padded_vocab: int, dtype: torch.dtype):
     from ..models import build_gpt_model, transformer_config_from_hf
 
     overrides = cpu_transformer_config_kwargs() if not torch.cuda.is_available() else {}
+    # The local spec: this model is only a container of tensors (torch_dist checkpoints use
+    # the same, TransformerEngine-style, names either way).
     overrides.update(use_cpu_initialization=True, perform_initialization=False,
-                     params_dtype=dtype)
+                     params_dtype=dtype, transformer_impl="local")
     config = transformer_config_from_hf(hf_config, **overrides)
     return build_gpt_model(hf_config, config=config, pre_process=True, post_process=True,
                            padded_vocab=padded_vocab)
@@ -129,17 +131,18 @@ def hf_to_megatron(
     expected = set(models.hf_names(arch, hf_config))
     present = {n for n in reader.names() if not n.endswith(_IGNORED_HF_SUFFIXES)}
     if missing := sorted(expected - present):
-        raise ConversionError(f"{hf_dir} lacks {len(missing)} tensor(s) the {arch.name} mapping "
+        raise ConversionError(f"{hf_dir} lacks {len(missing)} tensor(s) the {arch.hf_architecture} mapping "
                               f"needs: {missing[:8]}")
     if extra := sorted(present - expected):
         raise ConversionError(f"{len(extra)} tensor(s) in {hf_dir} are not consumed by the "
-                              f"{arch.name} mapping (wrong architecture?): {extra[:8]}")
+                              f"{arch.hf_architecture} mapping (wrong architecture?): {extra[:8]}")
 
     with megatron_process_group():
         model = _build_model(hf_config, padded_vocab=padded_vocab, dtype=torch_dtype)
         params = _parameters(model)
         filled: set[str] = set()
-        stream = models.hf_to_megatron(arch, hf_config, reader.get, padded_vocab=padded_vocab)
+        stream = models.hf_to_megatron(arch, hf_config, reader.get, padded_vocab=padded_vocab,
+                                       te=False)
         with torch.no_grad():
             for name, tensor in _progress(stream, total=len(params), desc="hf -> megatron",
                                           enabled=progress):
@@ -163,7 +166,7 @@ def hf_to_megatron(
                 padded_vocab_size=padded_vocab, no_save_optim=True, no_save_rng=True,
             ))
             copy_side_files(hf_dir, tmp / HF_SUBDIR)
-            meta = dict(format=1, architecture=arch.name, source=str(hf_dir.resolve()),
+            meta = dict(format=1, architecture=arch.hf_architecture, source=str(hf_dir.resolve()),
                         vocab_size=hf_config.vocab_size, padded_vocab_size=padded_vocab,
                         dtype=str(torch_dtype).removeprefix("torch."), tp=tp, pp=pp)
             (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -206,17 +209,17 @@ def megatron_to_hf(
     if padded_vocab < config.vocab_size or hidden != config.hidden_size:
         raise ConversionError(f"checkpoint embedding {padded_vocab}x{hidden} does not fit the HF "
                               f"config ({config.vocab_size} tokens x {config.hidden_size})")
-    out_dtype = _resolve_dtype(dtype, _config_dtype(config) or ckpt_dtype)
+    out_dtype = _resolve_dtype(dtype, ckpt_dtype)  # default: what the checkpoint holds
 
     with megatron_process_group():
         model = _build_model(config, padded_vocab=padded_vocab, dtype=ckpt_dtype)
         load_model_weights([model], iter_dir)
         tensors = {k: v.detach() for k, v in _parameters(model).items()}
         del model
-    expected = set(models.megatron_names(arch, config))
+    expected = set(models.megatron_names(arch, config, te=False))
     unknown, absent = sorted(set(tensors) - expected), sorted(expected - set(tensors))
     if unknown or absent:
-        raise ConversionError(f"the {arch.name} mapping does not match the model: not consumed "
+        raise ConversionError(f"the {arch.hf_architecture} mapping does not match the model: not consumed "
                               f"{unknown[:8]}, missing {absent[:8]}")
 
     def take(name: str) -> torch.Tensor:  # hand each parameter over once, then forget it
@@ -228,12 +231,12 @@ def megatron_to_hf(
     hf_names = models.hf_names(arch, config)
     with atomic_output_dir(out, force=force) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
-        stream = models.megatron_to_hf(arch, config, take)
+        stream = models.megatron_to_hf(arch, config, take, te=False)
         for name, tensor in _progress(stream, total=len(hf_names), desc="megatron -> hf",
                                       enabled=progress):
             writer.add(name, tensor.to(out_dtype))
         if tensors:
-            raise ConversionError(f"Megatron parameters not consumed by the {arch.name} "
+            raise ConversionError(f"Megatron parameters not consumed by the {arch.hf_architecture} "
                                   f"mapping: {sorted(tensors)[:8]}")
         writer.close()
         copy_side_files(hf_side, tmp, [n for n in _side_names(hf_side) if n != "config.json"])
