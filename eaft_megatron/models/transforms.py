@@ -149,7 +149,8 @@ def cut_vocab(t: torch.Tensor, vocab_size: int) -> torch.Tensor:
 # --- tensor-parallel slicing (pure: one full tensor in, one rank's slice out) ----------------
 
 
-def tp_shard(full: torch.Tensor, *, rank: int, size: int, dim: int, stride: int = 1) -> torch.Tensor:
+def tp_shard(full: torch.Tensor, *, rank: int, size: int, dim: int,
+             stride: int = 1) -> torch.Tensor:
     """The slice of ``full`` that tensor-parallel rank ``rank`` of ``size`` holds.
 
     Megatron's rule (``partition_dim`` / ``partition_stride`` attributes of its parallel

@@ -1,0 +1,122 @@
+"""Megatron-Core layer specs for the supported architectures, and GLM-4-0414's sandwich norms.
+
+``layer_spec(arch, te=False)`` is megatron's own GPT layer spec (local modules, or
+TransformerEngine ones with ``te=True``) with Qwen3's q/k norms switched on, and for
+GLM-4-0414 (``arch.sandwich_norms``) the :class:`SandwichNormTransformerLayer` below.
+
+Parameter names of the two extra norms, per layer (local and TE specs alike)::
+
+    decoder.layers.{i}.post_self_attn_layernorm.weight   # HF: post_self_attn_layernorm
+    decoder.layers.{i}.post_mlp_layernorm.weight         # HF: post_mlp_layernorm
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+
+from .spec import ArchSpec
+
+__all__ = ["SandwichNormLayerSubmodules", "SandwichNormTransformerLayer", "layer_spec"]
+
+
+@dataclasses.dataclass
+class SandwichNormLayerSubmodules(TransformerLayerSubmodules):
+    """``TransformerLayerSubmodules`` plus the two output norms (norm builders, like
+    ``input_layernorm``; ``IdentityOp`` leaves the layer standard)."""
+
+    post_self_attn_layernorm: Any = IdentityOp
+    post_mlp_layernorm: Any = IdentityOp
+
+
+def _norm_then(bias_dropout_add: Callable, norm: Callable) -> Callable:
+    """A bias-dropout-add that first normalises the sublayer output (bias folded in)."""
+
+    def apply(x_with_bias, residual, prob):
+        x, bias = x_with_bias
+        if bias is not None:
+            x = x + bias
+        return bias_dropout_add((norm(x), None), residual, prob)
+
+    return apply
+
+
+class SandwichNormTransformerLayer(TransformerLayer):
+    """A ``TransformerLayer`` that normalises the attention and MLP outputs before the residual
+    adds, as HF's ``Glm4DecoderLayer``::
+
+        h = x + post_self_attn_layernorm(attention(input_layernorm(x)))
+        y = h + post_mlp_layernorm(mlp(pre_mlp_layernorm(h)))
+
+    The norms are applied inside ``self_attn_bda`` / ``mlp_bda`` (the bias-dropout-add that
+    megatron calls with the sublayer output and the residual), so megatron's forward, recompute
+    and offloading paths are reused unchanged. Megatron's fused-TP inference kernel adds the
+    residual inside ``linear_proj`` and skips the bias-dropout-add, so it is rejected.
+    """
+
+    def __init__(self, config, submodules: SandwichNormLayerSubmodules, *args, **kwargs):
+        if getattr(config, "inference_fuse_tp_communication", False):
+            raise ValueError(
+                "inference_fuse_tp_communication=True skips the bias-dropout-add where "
+                "SandwichNormTransformerLayer applies its output norms"
+            )
+        super().__init__(config, submodules, *args, **kwargs)
+        norm_kwargs = dict(config=self.config, hidden_size=self.config.hidden_size,
+                           eps=self.config.layernorm_epsilon)
+        self.post_self_attn_layernorm = submodules.post_self_attn_layernorm(**norm_kwargs)
+        self.post_mlp_layernorm = submodules.post_mlp_layernorm(**norm_kwargs)
+        # The parent stored its bias-dropout-add builders as instance attributes; move them
+        # aside so the methods below, which wrap them, are what the parent's forward calls.
+        self._inner_self_attn_bda = self.__dict__.pop("self_attn_bda")
+        self._inner_mlp_bda = self.__dict__.pop("mlp_bda")
+
+    def self_attn_bda(self, training: bool, fused: bool) -> Callable:
+        return _norm_then(self._inner_self_attn_bda(training, fused),
+                          self.post_self_attn_layernorm)
+
+    def mlp_bda(self, training: bool, fused: bool) -> Callable:
+        return _norm_then(self._inner_mlp_bda(training, fused), self.post_mlp_layernorm)
+
+
+def layer_spec(arch: ArchSpec, *, te: bool) -> ModuleSpec:
+    """The transformer layer spec for ``arch``: TransformerEngine modules if ``te`` (input and
+    pre-MLP norms fused into ``linear_qkv`` / ``linear_fc1``), else megatron's local modules."""
+    if te:
+        from .config import te_available
+
+        if not te_available():
+            raise ImportError(
+                "te=True needs transformer-engine (megatron.core.extensions.transformer_engine"
+                ".HAVE_TE is False); use transformer_impl='local'"
+            )
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_submodules,
+        )
+
+        sub = get_gpt_layer_with_transformer_engine_submodules(qk_layernorm=arch.qk_layernorm)
+        norm = TESpecProvider().layer_norm(rms_norm=True)
+    else:
+        from megatron.core.models.backends import LocalSpecProvider
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+
+        sub = get_gpt_layer_local_submodules(qk_layernorm=arch.qk_layernorm,
+                                             normalization="RMSNorm")
+        norm = LocalSpecProvider().layer_norm(rms_norm=True)
+    if not arch.sandwich_norms:
+        return ModuleSpec(module=TransformerLayer, submodules=sub)
+    fields = {f.name: getattr(sub, f.name) for f in dataclasses.fields(sub)}
+    return ModuleSpec(
+        module=SandwichNormTransformerLayer,
+        submodules=SandwichNormLayerSubmodules(
+            **fields, post_self_attn_layernorm=norm, post_mlp_layernorm=norm
+        ),
+    )

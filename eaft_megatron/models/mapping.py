@@ -1,0 +1,163 @@
+"""Stream a model's tensors between HF and Megatron-Core names and layouts.
+
+    arch = get_arch(hf_config)
+    with safe_open(path, "pt") as f:                       # caller's I/O, one tensor at a time
+        for name, tensor in hf_to_megatron(arch, hf_config, f.get_tensor, padded_vocab=384):
+            ...                                            # full (TP=1) Megatron tensors
+    for name, tensor in megatron_to_hf(arch, hf_config, full_megatron_tensor):
+        ...
+
+Names on the Megatron side are the ``state_dict()`` keys (without ``_extra_state``) of a
+TP=1/PP=1 ``build_gpt_model`` model. The layer spec decides two of them: TransformerEngine fuses
+the input and pre-MLP norms into the next linear, so with ``te=True``::
+
+    decoder.layers.{i}.input_layernorm.weight
+        -> decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight
+    decoder.layers.{i}.pre_mlp_layernorm.weight
+        -> decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight
+
+``te=None`` (the default) means "as ``build_gpt_model`` builds by default", i.e. TE exactly when
+it is importable; pass ``te=(config.transformer_impl == "transformer_engine")`` to follow a
+given config. (Megatron's torch_dist checkpoints always use the TE names: the local spec maps
+its names to them in ``sharded_state_dict``.)
+
+Every function is a pure generator over ``get``: nothing is cached, each HF tensor is fetched
+exactly once, and a Megatron tensor is yielded as soon as its inputs are read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from .config import te_available
+from .spec import MEGATRON_SHAPES, ArchSpec, Mapping, ModelDims, VocabRows
+from .transforms import fill_layer
+
+__all__ = [
+    "TE_RENAMES",
+    "hf_names",
+    "hf_to_megatron",
+    "megatron_names",
+    "megatron_shapes",
+    "megatron_to_hf",
+    "to_te_name",
+]
+
+# Local-spec name suffix -> TransformerEngine-spec name suffix (megatron's own local spec
+# declares the same correspondence in its sharded_state_dict_keys_map).
+TE_RENAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+Getter = Callable[[str], torch.Tensor]
+
+
+def to_te_name(name: str) -> str:
+    """The TransformerEngine-spec name of a local-spec Megatron parameter name."""
+    prefix, _, leaf = name.rpartition(".layers.")
+    if prefix:
+        index, _, rest = leaf.partition(".")
+        if rest in TE_RENAMES:
+            return f"{prefix}.layers.{index}.{TE_RENAMES[rest]}"
+    return name
+
+
+def _steps(arch: ArchSpec, hf_config: Any) -> Iterator[tuple[Mapping, int | None]]:
+    """(mapping, layer) in conversion order: leading whole-model rows, layers, the rest."""
+    maps = arch.active_mappings(hf_config)
+    first = next((i for i, m in enumerate(maps) if m.per_layer), len(maps))
+    for m in maps[:first]:
+        yield m, None
+    for layer in range(ModelDims.from_hf(hf_config).num_layers):
+        for m in maps:
+            if m.per_layer:
+                yield m, layer
+    for m in maps[first:]:
+        if not m.per_layer:
+            yield m, None
+
+
+def _name(m: Mapping, layer: int | None, te: bool) -> str:
+    name = fill_layer(m.megatron, layer)
+    return to_te_name(name) if te else name
+
+
+def _te(te: bool | None) -> bool:
+    return te_available() if te is None else te
+
+
+def hf_names(arch: ArchSpec, hf_config: Any) -> list[str]:
+    """Every HF tensor name :func:`hf_to_megatron` reads (tied models: no ``lm_head.weight``)."""
+    return [fill_layer(h, layer) for m, layer in _steps(arch, hf_config) for h in m.hf]
+
+
+def megatron_names(arch: ArchSpec, hf_config: Any, *, te: bool | None = None) -> list[str]:
+    """Every parameter name of the TP=1/PP=1 model, in the order the converters yield them."""
+    te = _te(te)
+    return [_name(m, layer, te) for m, layer in _steps(arch, hf_config)]
+
+
+def megatron_shapes(arch: ArchSpec, hf_config: Any, *, padded_vocab: int,
+                    te: bool | None = None) -> dict[str, tuple[int, ...]]:
+    """Full (TP=1) shape of every Megatron parameter, keyed like :func:`megatron_names`."""
+    te, dims = _te(te), ModelDims.from_hf(hf_config)
+    return {_name(m, layer, te): MEGATRON_SHAPES[m.megatron](dims, padded_vocab)
+            for m, layer in _steps(arch, hf_config)}
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def hf_to_megatron(arch: ArchSpec, hf_config: Any, get: Getter, *, padded_vocab: int,
+                   te: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (Megatron name, full tensor) for every parameter, reading HF tensors via ``get``.
+
+    Vocabulary rows are padded with zeros to ``padded_vocab``. Dtypes are kept. Raises
+    ValueError naming the tensor and both shapes when a HF tensor has the wrong shape.
+    """
+    te, dims = _te(te), ModelDims.from_hf(hf_config)
+    if padded_vocab < dims.vocab_size:
+        raise ValueError(f"padded_vocab={padded_vocab} < vocab_size={dims.vocab_size}")
+    for m, layer in _steps(arch, hf_config):
+        name = _name(m, layer, te)
+        expected = MEGATRON_SHAPES[m.megatron](dims, padded_vocab)
+        tensors = []
+        for template, shape in zip(m.hf, m.hf_shapes(expected, dims)):
+            hf_name = fill_layer(template, layer)
+            t = get(hf_name)
+            if _shape(t) != shape:
+                raise ValueError(
+                    f"HF tensor {hf_name!r} has shape {_shape(t)}, expected {shape} "
+                    f"(for Megatron {name!r})"
+                )
+            tensors.append(t)
+        out = m.to_megatron(tuple(tensors), dims, padded_vocab)
+        assert _shape(out) == expected, (name, _shape(out), expected)
+        yield name, out
+
+
+def megatron_to_hf(arch: ArchSpec, hf_config: Any, get: Getter, *, te: bool | None = None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) for every HF tensor, reading full Megatron tensors via ``get``.
+
+    Vocabulary padding (any number of rows >= vocab_size) is cut. ``lm_head.weight`` is written
+    only when the HF config is untied. Raises ValueError naming the tensor and both shapes.
+    """
+    te, dims = _te(te), ModelDims.from_hf(hf_config)
+    for m, layer in _steps(arch, hf_config):
+        name = _name(m, layer, te)
+        t = get(name)
+        padded = t.shape[0] if isinstance(m, VocabRows) and t.shape[0] >= dims.vocab_size else \
+            dims.vocab_size
+        expected = MEGATRON_SHAPES[m.megatron](dims, padded)
+        if _shape(t) != expected:
+            if isinstance(m, VocabRows):
+                expected = f"(>= {dims.vocab_size}, {', '.join(map(str, expected[1:]))})"
+            raise ValueError(f"Megatron tensor {name!r} has shape {_shape(t)}, expected {expected}")
+        for template, out in zip(m.hf, m.to_hf(t, dims)):
+            yield fill_layer(template, layer), out
