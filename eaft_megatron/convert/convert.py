@@ -35,6 +35,7 @@ from .io import (
     SafetensorsReader,
     ShardedSafetensorsWriter,
     atomic_output_dir,
+    check_output_dir,
     copy_side_files,
 )
 from .megatron_ckpt import (
@@ -121,6 +122,7 @@ def hf_to_megatron(
     from .. import models
 
     hf_dir = Path(hf_dir)
+    check_output_dir(out, force=force)
     hf_config = load_hf_config(hf_dir)
     arch = models.get_arch(hf_config)
     models.check_parallel_sizes(hf_config, tp, pp)
@@ -161,7 +163,7 @@ def hf_to_megatron(
             raise ConversionError(f"{len(unfilled)} Megatron parameter(s) were not filled: "
                                   f"{unfilled[:8]}")
         with atomic_output_dir(out, force=force) as tmp:
-            save_model_checkpoint([model], tmp, iteration=0, args=dict(
+            save_model_checkpoint([model], tmp, iteration=0, consume=True, args=dict(
                 tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                 padded_vocab_size=padded_vocab, no_save_optim=True, no_save_rng=True,
             ))
@@ -192,11 +194,12 @@ def megatron_to_hf(
     iteration: int | None = None,
     force: bool = False,
     progress: bool = True,
-    max_shard_bytes: int = 2 << 30,
+    max_shard_bytes: int = 1 << 30,
 ) -> Path:
     """Convert a Megatron-Core torch_dist checkpoint (converted or trained) to a HF directory."""
     from .. import models
 
+    check_output_dir(out, force=force)
     iter_dir = find_iteration_dir(megatron_dir, iteration)
     root = Path(megatron_dir) if iter_dir != Path(megatron_dir) else iter_dir.parent
     hf_side = find_hf_config_dir(root, hf_config)

@@ -37,6 +37,16 @@ class ConversionError(ValueError):
     """A checkpoint or model directory that cannot be converted (message says why)."""
 
 
+def check_output_dir(out: str | os.PathLike, *, force: bool = False) -> Path:
+    """Fail early (before any work) if ``out`` may not be written."""
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConversionError(f"output directory {out} exists and is not empty (use --force)")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``out`` only if the block succeeds.
@@ -45,11 +55,7 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
     end, never before the new content is complete). On failure the temporary directory is
     removed, so a crash or an error leaves no half-written output under ``out``.
     """
-    out = Path(out).resolve()
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ConversionError(f"output directory {out} exists and is not empty (use --force)")
+    out = check_output_dir(out, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -78,25 +84,57 @@ def copy_side_files(src: Path, dst: Path, names: Iterable[str] = HF_SIDE_FILES) 
     return copied
 
 
-class SafetensorsReader:
-    """Lazy access to the tensors of a HF directory (single file or sharded with an index).
+# safetensors dtype names <-> torch dtypes (the format: an 8-byte little-endian header length,
+# a JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}}, then raw bytes).
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
-    Tensors are read one at a time on ``get(name)``; nothing else stays in memory.
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """(tensor entries, byte offset of the data section) of a safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            n = int.from_bytes(raw, "little")
+            if n > 100 << 20 or n > path.stat().st_size - 8:
+                raise ValueError(f"header length {n} does not fit the file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise ConversionError(f"cannot read {path}: not a valid safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _bytes_view(t: torch.Tensor):
+    """A zero-copy writable/readable byte view of a contiguous CPU tensor."""
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
+
+
+class SafetensorsReader:
+    """Read the tensors of a HF directory (single file or sharded with an index) one at a time.
+
+    Each ``get(name)`` reads that tensor's bytes with ``readinto`` into a fresh tensor: no
+    memory map, so the process's resident memory holds only the tensors still referenced
+    (an mmap would add every page read to RSS until the file is closed).
     """
 
     def __init__(self, directory: str | os.PathLike):
-        from safetensors import safe_open
-
         self.directory = Path(directory)
         index = self.directory / SAFETENSORS_INDEX
         single = self.directory / "model.safetensors"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
                 raise ConversionError(f"corrupt safetensors index {index}: {e}") from e
         elif single.is_file():
-            weight_map = None
+            files = [single.name]
         else:
             found = sorted(p.name for p in self.directory.glob("*"))[:20]
             hint = " (only PyTorch .bin weights: re-save with safe_serialization=True)" if any(
@@ -105,70 +143,93 @@ class SafetensorsReader:
                 f"no model.safetensors or {SAFETENSORS_INDEX} in {self.directory}{hint}; "
                 f"found: {found}"
             )
-        self._files: dict[str, object] = {}
-        if weight_map is None:
-            handle = self._open(single, safe_open)
-            self.weight_map = {k: single.name for k in handle.keys()}
-        else:
-            self.weight_map = dict(weight_map)
-            for fname in sorted(set(self.weight_map.values())):
-                path = self.directory / fname
-                if not path.is_file():
-                    raise ConversionError(f"{index} lists {fname}, which is missing")
-                self._open(path, safe_open)
-        self._safe_open = safe_open
-
-    def _open(self, path: Path, safe_open):
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types
-            raise ConversionError(f"cannot read {path}: {e}") from e
-        self._files[path.name] = handle
-        return handle
+        self._entries: dict[str, tuple[Path, int, dict]] = {}
+        for fname in files:
+            path = self.directory / fname
+            if not path.is_file():
+                raise ConversionError(f"{index} lists {fname}, which is missing")
+            header, data_start = _read_header(path)
+            size = path.stat().st_size
+            for name, entry in header.items():
+                begin, end = entry["data_offsets"]
+                if entry["dtype"] not in _ST_DTYPES:
+                    raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype "
+                                          f"{entry['dtype']}")
+                if data_start + end > size:
+                    raise ConversionError(f"{path} is truncated: tensor {name!r} ends at byte "
+                                          f"{data_start + end} of {size}")
+                self._entries[name] = (path, data_start, entry)
 
     def names(self) -> list[str]:
-        return sorted(self.weight_map)
+        return sorted(self._entries)
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
+        if name not in self._entries:
             raise ConversionError(f"tensor {name!r} not found in {self.directory}")
-        try:
-            return self._files[self.weight_map[name]].get_tensor(name)
-        except Exception as e:
-            raise ConversionError(f"cannot read tensor {name!r} from {self.directory}: {e}") from e
+        path, data_start, entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        out = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
+        if out.numel() * out.element_size() != end - begin:
+            raise ConversionError(f"{path}: tensor {name!r} has {end - begin} bytes for shape "
+                                  f"{entry['shape']} {entry['dtype']}")
+        with open(path, "rb", buffering=0) as f:
+            f.seek(data_start + begin)
+            view, done = _bytes_view(out), 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ConversionError(f"{path}: unexpected end of file reading {name!r}")
+                done += n
+        return out
 
 
 class ShardedSafetensorsWriter:
-    """Write tensors one by one into ``model-0000i-of-0000n.safetensors`` shards + index.
+    """Write tensors into ``model-0000i-of-0000n.safetensors`` shards + index, streaming.
 
-    At most ``max_shard_bytes`` of tensors are held before a shard is flushed.
+    At most ``max_shard_bytes`` of tensors are held before a shard is written; each tensor's
+    bytes go straight from its memory to the file (no serialised copy of the shard).
     """
 
-    def __init__(self, directory: Path, *, max_shard_bytes: int = 2 << 30, metadata=None):
+    def __init__(self, directory: Path, *, max_shard_bytes: int = 1 << 30, metadata=None):
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[list[str]] = []
+        self._seen: set[str] = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in s for s in self._shards):
+        if name in self._seen:
             raise ConversionError(f"tensor {name!r} written twice")
+        if tensor.dtype not in _ST_NAMES:
+            raise ConversionError(f"tensor {name!r}: dtype {tensor.dtype} cannot be saved")
+        self._seen.add(name)
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.contiguous()
+        self._pending[name] = tensor.detach().cpu().contiguous()
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        i = len(self._shards)
-        save_file(self._pending, str(self.directory / f"shard-{i:05d}.safetensors.tmp"),
-                  metadata=self.metadata)
+        header: dict = {"__metadata__": self.metadata}
+        offset = 0
+        for name, t in self._pending.items():
+            n = t.numel() * t.element_size()
+            header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        path = self.directory / f"shard-{len(self._shards):05d}.safetensors.tmp"
+        with open(path, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for t in self._pending.values():
+                if t.numel():
+                    f.write(_bytes_view(t))
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 

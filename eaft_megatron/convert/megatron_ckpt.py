@@ -95,11 +95,37 @@ def megatron_process_group(tp: int = 1, pp: int = 1):
             dist.destroy_process_group()
 
 
+def _expand_factories(sharded, *, consume: bool) -> None:
+    """Replace Megatron's ShardedTensorFactory entries (the SwiGLU ``linear_fc1``: ``chunk`` on
+    save, ``cat`` on load) by the ShardedTensors they build, in place in ``sharded``.
+
+    Their data are views of the parameter, so loading writes straight into it (no concatenated
+    copy of every fc1). With ``consume`` (saving a model that is not used afterwards), each
+    half is copied out and the parameter's storage is released at once: the writer would
+    otherwise clone every view, doubling the memory of all fc1 weights at the same time.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    items = sharded.items() if isinstance(sharded, dict) else enumerate(sharded)
+    for key, value in list(items):
+        if isinstance(value, (dict, list)):
+            _expand_factories(value, consume=consume)
+        elif isinstance(value, ShardedTensorFactory):
+            built = value.build()
+            if consume:
+                for part in built if isinstance(built, list) else built.values():
+                    part.data = part.data.clone()
+                value.data.untyped_storage().resize_(0)
+            sharded[key] = built
+
+
 def save_model_checkpoint(
-    models: list[torch.nn.Module], root: Path, *, iteration: int = 0, args: dict | None = None
+    models: list[torch.nn.Module], root: Path, *, iteration: int = 0, args: dict | None = None,
+    consume: bool = False,
 ) -> Path:
     """Write ``models`` (one per virtual pipeline chunk) as a Megatron-LM torch_dist checkpoint
-    under ``root``; every rank of the model-parallel group calls this."""
+    under ``root``; every rank of the model-parallel group calls this. ``consume=True`` lets
+    the save release parameter memory as it goes (the models are unusable afterwards)."""
     from megatron.core import dist_checkpointing
 
     path = root / iteration_dir_name(iteration)
@@ -116,6 +142,8 @@ def save_model_checkpoint(
     else:
         for i, m in enumerate(models):
             state[f"model{i}"] = m.sharded_state_dict()
+    if consume:
+        _expand_factories(state, consume=True)
     dist_checkpointing.save(state, str(path))
     if dist.get_rank() == 0:
         tmp = root / (TRACKER + ".tmp")
@@ -134,14 +162,18 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> No
         sharded = {"model": models[0].sharded_state_dict()}
     else:
         sharded = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
+    _expand_factories(sharded, consume=False)  # load fc1 halves in place
     try:
         loaded = dist_checkpointing.load(sharded, str(iteration_dir))
     except Exception as e:  # missing keys / shape mismatches surface here
         raise ConversionError(f"cannot load model weights from {iteration_dir}: {e}") from e
     for i, m in enumerate(models):
         sd = loaded["model"] if len(models) == 1 else loaded[f"model{i}"]
+        # The expanded fc1 entries were loaded in place (lists of halves): skip them here.
+        sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
         missing, unexpected = m.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
+        missing = [k for k in missing if not k.endswith("_extra_state")
+                   and not k.endswith("mlp.linear_fc1.weight")]
         if missing:
             raise ConversionError(f"checkpoint {iteration_dir} lacks parameters: {missing[:10]}")
 

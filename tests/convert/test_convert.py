@@ -173,7 +173,7 @@ def test_tp2_then_pp2_resharding_and_logits(hf_models, tmp_path):
 
 
 def test_tp2_pp2_on_four_ranks(hf_models, tmp_path):
-    src, config, model = hf_models["qwen2"]  # untied, q/k/v bias, padded vocabulary
+    src, config, model = hf_models["qwen2_tied"]  # tied (copy on the last stage), q/k/v bias
     ids, ref = _reference(model, config)
     ckpt = hf_to_megatron(src, tmp_path / "converted", tp=2, pp=2, progress=False)
     errs = spawn(_reshard_worker, 4, str(ckpt), str(tmp_path / "tp2pp2"), 2, 2, ids, ref)
