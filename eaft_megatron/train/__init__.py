@@ -1,0 +1,39 @@
+"""SFT with EAFT in Megatron-LM's own training loop (``megatron.training.pretrain``).
+
+    torchrun --nproc-per-node 8 -m eaft_megatron.train \\
+        --load ckpt/qwen3-8b-mcore --finetune --save runs/qwen3-eaft \\
+        --data-path data/math --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \\
+        --micro-batch-size 1 --global-batch-size 64 --train-iters 1000 --lr 1e-5 --bf16 \\
+        --lr-decay-style cosine --save-interval 200 --eval-interval 100 --eval-iters 10 \\
+        --loss-type eaft --eaft-top-k 20 --eaft-alpha 1.0
+
+    python -m eaft_megatron.train --load runs/qwen3-eaft --data-path data/heldout \\
+        --eval-only --eval-iters 20 --micro-batch-size 1 --global-batch-size 8   # evaluation only
+
+The model architecture comes from the HF config stored with the checkpoint (``<load>/hf/``,
+written by ``eaft-megatron convert hf-to-megatron`` and copied into ``--save``) or
+``--hf-config DIR``; the padded vocabulary from the checkpoint. Every other flag is Megatron-LM's
+(checkpointing, schedules, optimizer, logging). The same command runs on GPUs (NCCL, the
+transformer-engine spec when installed) and on CPU (gloo, fp32, ``eaft_megatron.compat``'s CPU
+layer and flags, added automatically). Loss: sum of ``w_t * CE_t`` over the global batch divided
+by its number of supervised tokens (``--calculate-per-token-loss``, always on). Logged through
+Megatron (stdout, TensorBoard, W&B): ``lm loss`` (plain CE), ``<loss_type> loss``, ``gate
+weight``, ``entropy``, ``confident conflicts`` (see ``eaft_megatron.megatron.loss``), and one
+JSON line per logged iteration / evaluation in ``<--log-dir or --save>/metrics.jsonl``.
+
+=============  ===============================================================================
+``main.py``    the entry point: command line, CPU setup, HF config into ``--save``, pretrain()
+``argv.py``    completing the command line (architecture, tokenizer, CPU flags)
+``steps.py``   model provider, forward step + loss function, datasets provider
+``metrics.py`` ``metrics.jsonl`` (hooks on Megatron's ``training_log`` / ``evaluate``)
+=============  ===============================================================================
+"""
+
+
+def main(argv=None) -> int:
+    from .main import main as _main
+
+    return _main(argv)
+
+
+__all__ = ["main"]

@@ -1,0 +1,183 @@
+"""``python -m eaft_megatron.train``: Megatron-LM's ``pretrain`` with the EAFT loss.
+
+See the package docstring for command lines. Steps: complete the command line
+(:mod:`.argv`), parse and validate it with Megatron-LM's parser (plus EAFT and trainer flags),
+set up CPU execution when there is no GPU, store the HF config next to the checkpoints, hook
+``metrics.jsonl``, then hand over to ``megatron.training.pretrain``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_train_args", "main"]
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """EAFT flags plus the trainer's own: ``--hf-config``, ``--log-dir``."""
+    from ..megatron import add_eaft_args
+
+    add_eaft_args(parser)
+    group = parser.add_argument_group(title="eaft_megatron.train")
+    group.add_argument("--hf-config", default=None,
+                       help="HF config directory describing the model (default: <load>/hf)")
+    group.add_argument("--log-dir", default=None,
+                       help="where metrics.jsonl goes (default: --save; none without either)")
+    return parser
+
+
+def _padded_vocab(args: Any, hf_config: Any) -> int:
+    """The checkpoint's padded vocabulary (its embedding rows), else Megatron's padding rule."""
+    from ..models import padded_vocab_size
+
+    root = args.load or getattr(args, "pretrained_checkpoint", None)
+    if root and (Path(root) / "latest_checkpointed_iteration.txt").is_file():
+        from ..convert.megatron_ckpt import checkpoint_tensor_shapes, find_iteration_dir
+
+        step = getattr(args, "ckpt_step", None)
+        shapes = checkpoint_tensor_shapes(find_iteration_dir(root, step if not args.finetune
+                                                             else None))
+        entry = shapes.get("embedding.word_embeddings.weight")
+        if entry is not None:
+            return int(entry[0][0])
+    return padded_vocab_size(hf_config.vocab_size, args.tensor_model_parallel_size,
+                             args.make_vocab_size_divisible_by)
+
+
+def _store_hf_dir(hf_dir: Path, save: str) -> None:
+    """Copy the HF config/tokenizer files into ``<save>/hf`` (atomically, once)."""
+    from ..convert.io import copy_side_files
+
+    target = Path(save) / "hf"
+    if (target / "config.json").is_file() or target.resolve() == hf_dir.resolve():
+        return
+    tmp = Path(save) / f".hf.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    copy_side_files(hf_dir, tmp)
+    os.replace(tmp, target)
+
+
+def _setup_cpu(args: Any) -> None:
+    """What Megatron's initialisation skips without CUDA: gloo, model parallel, CUDA-RNG seeds.
+
+    ``initialize_megatron`` refuses to run without CUDA unless ``allow_no_cuda``; its
+    ``_initialize_distributed`` only builds the model-parallel groups when a GPU is counted, and
+    ``_set_random_seed`` only seeds the CUDA RNG tracker then. We build the groups first and pass
+    ``skip_model_parallel_init``, and seed the tracker right after Megatron's own seeding (same
+    seed rule: ``seed + 100 * pp_rank``), before any model is built.
+    """
+    from datetime import timedelta
+
+    import torch
+    import megatron.training.training as loop
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            "gloo", rank=args.rank, world_size=args.world_size,
+            timeout=timedelta(minutes=args.distributed_timeout_minutes))
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+            args.virtual_pipeline_model_parallel_size,
+            context_parallel_size=args.context_parallel_size,
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            order="tp-cp-ep-dp-pp" if not args.use_tp_pp_dp_mapping else "tp-cp-ep-pp-dp",
+            create_gloo_process_groups=args.use_gloo_process_groups,
+        )
+    # get_model (0.19.2) builds DDP inside `torch.cuda.stream(torch.cuda.Stream())`; the CPU
+    # layer answers current_stream() with a no-op stream but leaves the constructor alone.
+    # Proposed for eaft_megatron.compat.cpu (kept here until that file owner adds it).
+    if not getattr(torch.cuda.Stream, "_eaft_cpu", False):
+        from ..compat.cpu import _CpuStream
+
+        class CpuStream(_CpuStream):
+            _eaft_cpu = True
+
+            def __init__(self, *a: Any, **kw: Any) -> None:
+                pass
+
+        torch.cuda.Stream = CpuStream
+    original = loop.initialize_megatron
+    if getattr(original, "_eaft_cpu", False):
+        return
+
+    def initialize_megatron(*a: Any, **kw: Any):
+        kw["allow_no_cuda"] = True
+        result = original(*a, **kw)
+        seed = args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+        if args.data_parallel_random_init:
+            seed += 10 * parallel_state.get_data_parallel_rank()
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        return result
+
+    initialize_megatron._eaft_cpu = True
+    initialize_megatron.__wrapped__ = original
+    loop.initialize_megatron = initialize_megatron
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from ..models import te_available
+    from .argv import TrainArgError, complete_argv
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        from ..compat import install_cpu_compat
+
+        install_cpu_compat()
+    try:
+        full_argv, info = complete_argv(argv, cpu=cpu, te_available=(not cpu) and te_available())
+    except (TrainArgError, ValueError) as e:
+        print(f"eaft_megatron.train: error: {e}", file=sys.stderr)
+        return 2
+
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    from ..megatron import EAFTLossConfig
+    from .metrics import MetricsLog, install_metrics_hooks
+    from .steps import datasets_provider, forward_step, model_provider
+
+    sys.argv = [sys.argv[0], *full_argv]  # Megatron's parser reads sys.argv
+    args = parse_and_validate_args(extra_args_provider=add_train_args)
+    EAFTLossConfig.from_args(args)  # fail before any process group on a bad EAFT flag
+    if not args.calculate_per_token_loss:
+        raise SystemExit("eaft_megatron.train needs --calculate-per-token-loss")
+    args.padded_vocab_size = _padded_vocab(args, info.hf_config)
+    if cpu:
+        _setup_cpu(args)
+    if args.save and args.rank == 0:
+        os.makedirs(args.save, exist_ok=True)
+        _store_hf_dir(info.hf_dir, args.save)
+    log_dir = args.log_dir or args.save
+    install_metrics_hooks(MetricsLog(log_dir, enabled=args.rank == args.world_size - 1,
+                                     loss_type=args.loss_type))
+    if args.rank == 0:
+        print(f"> eaft_megatron.train: model from {info.hf_dir}, loss {args.loss_type}, "
+              f"{'CPU (gloo)' if cpu else 'GPU'}, padded vocab {args.padded_vocab_size}, "
+              f"metrics -> {os.path.join(log_dir, 'metrics.jsonl') if log_dir else 'none'}; "
+              f"added flags: {' '.join(info.added)}", flush=True)
+
+    import warnings
+
+    with warnings.catch_warnings():  # "use a ModelConfig": we deliberately use a provider
+        warnings.simplefilter("ignore", UserWarning)
+        config = pretrain_cfg_container_from_args(args)
+    pretrain(config, datasets_provider, ModelType.encoder_or_decoder, forward_step,
+             model_provider=partial(model_provider, info.hf_config),
+             skip_model_parallel_init=cpu)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0

@@ -1,0 +1,169 @@
+"""``metrics.jsonl``: one JSON object per logged training iteration and per evaluation.
+
+Megatron-LM 0.19 has no logging callback, so the entry point wraps three functions of
+``megatron.training.training`` that the loop calls by name (see :func:`install_metrics_hooks`):
+``training_log`` (sees each iteration's data-parallel-reduced losses), ``evaluate_and_print_results``
+(knows the iteration and whether it is the validation or test set) and ``evaluate`` (returns the
+reduced evaluation losses). Megatron's own stdout / TensorBoard / W&B logging is unchanged.
+
+Records (written by the last rank, which holds the last pipeline stage's reduced values; floats
+at full precision, a line is flushed as soon as it is written):
+
+    {"kind": "train", "iteration": 10, "consumed_samples": 80, "iterations_averaged": 10,
+     "loss_type": "eaft", "loss": 2.31, "lm_loss": 3.02, "gate_weight": 0.71, "entropy": 2.13,
+     "confident_conflicts": 0.004, "learning_rate": 1e-05, "grad_norm": 1.3, "skipped": 0}
+    {"kind": "valid", "iteration": 10, "loss_type": "eaft", "loss": ..., "lm_loss": ..., ...}
+
+``loss`` is the optimised objective (``w*CE`` summed / supervised tokens; equal to ``lm_loss``
+for sft), ``lm_loss`` the plain cross-entropy over the same tokens. Train values are averaged over
+the iterations since the previous record (Megatron's ``--log-interval``; the first iteration of
+a run is always logged, as on stdout), evaluation values over the whole evaluation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+__all__ = ["MetricsLog", "install_metrics_hooks", "metric_name", "uninstall_metrics_hooks"]
+
+_saved: list[tuple[Any, str, Any]] = []
+
+
+def metric_name(key: str, loss_type: str) -> str:
+    """JSON name of a Megatron report key (``"eaft loss"`` -> ``"loss"``, ``"lm loss"`` ->
+    ``"lm_loss"``, ``"gate weight"`` -> ``"gate_weight"``)."""
+    if key == f"{loss_type} loss":
+        return "loss"
+    return key.replace(" ", "_")
+
+
+class MetricsLog:
+    """Appends records to ``<directory>/metrics.jsonl`` on one rank; a no-op elsewhere."""
+
+    def __init__(self, directory: str | None, *, enabled: bool, loss_type: str) -> None:
+        self.loss_type = loss_type
+        self.path = os.path.join(directory, "metrics.jsonl") if directory and enabled else None
+        if self.path:
+            os.makedirs(directory, exist_ok=True)
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._skipped = 0
+
+    def _values(self, loss_dict: dict[str, Any], scale: float = 1.0) -> dict[str, float]:
+        out = {metric_name(k, self.loss_type): float(v) * scale for k, v in loss_dict.items()}
+        if "loss" not in out and "lm_loss" in out:  # sft (or Megatron's own loss)
+            out["loss"] = out["lm_loss"]
+        return out
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.path:
+            return
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                  for k, v in record.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def on_training_iteration(self, *, loss_dict: dict, iteration: int, skipped: int,
+                              learning_rate: float | None, grad_norm: float | None,
+                              consumed_samples: int, log_now: bool) -> None:
+        if skipped:
+            self._skipped += 1
+        else:
+            self._count += 1
+            for key, value in loss_dict.items():
+                self._sums[key] = self._sums.get(key, 0.0) + float(value)
+        if not log_now:
+            return
+        record: dict[str, Any] = dict(kind="train", iteration=iteration,
+                                      consumed_samples=consumed_samples,
+                                      iterations_averaged=self._count, loss_type=self.loss_type)
+        if self._count:
+            record.update(self._values(self._sums, 1.0 / self._count))
+        record.update(learning_rate=learning_rate, grad_norm=grad_norm, skipped=self._skipped,
+                      time=time.time())
+        self.write(record)
+        self._sums, self._count, self._skipped = {}, 0, 0
+
+    def on_evaluation(self, *, kind: str, iteration: int, loss_dict: dict) -> None:
+        record = dict(kind=kind, iteration=iteration, loss_type=self.loss_type)
+        record.update(self._values({k: float(v) for k, v in loss_dict.items()}))
+        record["time"] = time.time()
+        self.write(record)
+
+
+def _patch(owner: Any, name: str, make: Callable[[Callable], Callable]) -> None:
+    if not hasattr(owner, name):
+        raise ImportError(f"eaft_megatron.train expected {owner.__name__}.{name} "
+                          "(megatron-core 0.19's training loop)")
+    original = getattr(owner, name)
+    wrapper = make(original)
+    wrapper.__wrapped__ = original
+    _saved.append((owner, name, original))
+    setattr(owner, name, wrapper)
+
+
+def install_metrics_hooks(log: MetricsLog) -> None:
+    """Wrap Megatron's ``training_log``, ``evaluate_and_print_results`` and ``evaluate`` so
+    they feed ``log``; idempotent per process (a second call replaces the log)."""
+    uninstall_metrics_hooks()
+    import megatron.training.training as loop
+    from megatron.training import get_args
+
+    current = {"kind": "valid", "iteration": 0}
+
+    def wrap_training_log(original):
+        signature = inspect.signature(original)
+
+        def training_log(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            margs = get_args()
+            iteration = a["iteration"]
+            log.on_training_iteration(
+                loss_dict=a["loss_dict"], iteration=iteration, skipped=int(a["skipped_iter"]),
+                learning_rate=a["learning_rate"],
+                grad_norm=None if a["grad_norm"] is None else float(a["grad_norm"]),
+                consumed_samples=int(margs.consumed_train_samples),
+                log_now=iteration % margs.log_interval == 0 or bool(a.get("is_first_iteration")))
+            return original(*args, **kwargs)
+
+        return training_log
+
+    def wrap_evaluate_and_print(original):
+        signature = inspect.signature(original)
+
+        def evaluate_and_print_results(*args, **kwargs):
+            a = signature.bind(*args, **kwargs).arguments
+            current["kind"] = "test" if "test set" in str(a.get("prefix", "")) else "valid"
+            current["iteration"] = a.get("iteration", 0)
+            return original(*args, **kwargs)
+
+        return evaluate_and_print_results
+
+    def wrap_evaluate(original):
+        def evaluate(*args, **kwargs):
+            result = original(*args, **kwargs)
+            loss_dict, _, timelimit = result
+            if not timelimit and loss_dict:
+                log.on_evaluation(kind=current["kind"], iteration=current["iteration"],
+                                  loss_dict=loss_dict)
+            return result
+
+        return evaluate
+
+    _patch(loop, "training_log", wrap_training_log)
+    _patch(loop, "evaluate_and_print_results", wrap_evaluate_and_print)
+    _patch(loop, "evaluate", wrap_evaluate)
+
+
+def uninstall_metrics_hooks() -> None:
+    while _saved:
+        owner, name, original = _saved.pop()
+        setattr(owner, name, original)
