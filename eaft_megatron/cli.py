@@ -1,6 +1,7 @@
 """The ``eaft-megatron`` console command.
 
     eaft-megatron info          # versions, devices and optional accelerations found
+    eaft-megatron preprocess    # chat JSONL -> Megatron indexed dataset (eaft_megatron/data)
     eaft-megatron convert hf-to-megatron --hf DIR --out DIR [--tp N --pp M] [--dtype bf16]
     eaft-megatron convert megatron-to-hf --megatron DIR --out DIR [--dtype bf16]
 
@@ -69,7 +70,8 @@ def _add_convert(sub) -> None:
                                 help="Megatron-Core checkpoint (converted or trained) -> HF")
     m2h.add_argument("--megatron", required=True, help="checkpoint root (or iter_XXXXXXX dir)")
     m2h.add_argument("--out", required=True, help="output HF directory")
-    m2h.add_argument("--dtype", choices=dtypes, default=None, help="default: the HF config's")
+    m2h.add_argument("--dtype", choices=dtypes, default=None,
+                     help="default: the checkpoint's parameter dtype")
     m2h.add_argument("--hf-config", default=None,
                      help="HF config/tokenizer directory (default: the one stored in the checkpoint)")
     m2h.add_argument("--iteration", type=int, default=None, help="default: the latest")
@@ -88,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print versions and the devices found")
     info.set_defaults(func=_info)
     _add_convert(sub)
+    from .data.pipeline import register_command as register_preprocess  # light: numpy only
+
+    register_preprocess(sub)
     return parser
 
 
