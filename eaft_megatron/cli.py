@@ -1,5 +1,6 @@
 """The ``eaft-megatron`` console command.
 
+    eaft-megatron demo          # the whole pipeline on a small Qwen3 model, no download
     eaft-megatron info          # versions, devices and optional accelerations found
     eaft-megatron preprocess    # chat JSONL -> Megatron indexed dataset (eaft_megatron/data)
     eaft-megatron convert hf-to-megatron --hf DIR --out DIR [--tp N --pp M] [--dtype bf16]
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print versions and the devices found")
     info.set_defaults(func=_info)
     _add_convert(sub)
+    from .demo.pipeline import register_command as register_demo  # light: argparse only
+
+    register_demo(sub)
     from .data.pipeline import register_command as register_preprocess  # light: numpy only
 
     register_preprocess(sub)

@@ -163,7 +163,16 @@ def hf_to_megatron(
             raise ConversionError(f"{len(unfilled)} Megatron parameter(s) were not filled: "
                                   f"{unfilled[:8]}")
         with atomic_output_dir(out, force=force) as tmp:
+            # What Megatron-LM's load_checkpoint reads from a checkpoint's args: the fields
+            # check_checkpoint_args compares, and that it holds no optimizer / RNG state.
+            cfg = model.config
             save_model_checkpoint([model], tmp, iteration=0, consume=True, args=dict(
+                num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+                num_attention_heads=cfg.num_attention_heads,
+                num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels,
+                ffn_hidden_size=cfg.ffn_hidden_size, add_position_embedding=False,
+                position_embedding_type="rope",
+                max_position_embeddings=hf_config.max_position_embeddings,
                 tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                 padded_vocab_size=padded_vocab, no_save_optim=True, no_save_rng=True,
             ))
