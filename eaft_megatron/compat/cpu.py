@@ -53,6 +53,7 @@ CPU_PRETRAIN_FLAGS: tuple[str, ...] = (
     "--no-bias-dropout-fusion",
     "--no-rope-fusion",
     "--no-persist-layer-norm",
+    "--spec", "local",  # 0.19's validate_args requires it with --attention-backend local
 )
 
 # What ``get_device_arch_version`` answers on CPU. validate_args() asserts
@@ -103,6 +104,13 @@ class _CpuStream:
 
 
 _CPU_STREAM = _CpuStream()
+
+
+class _CpuStreamClass(_CpuStream):
+    """Replaces the ``torch.cuda.Stream`` class: constructing one allocates nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
 
 def _is_cuda(device: Any) -> bool:
@@ -211,6 +219,8 @@ def install_cpu_compat() -> bool:
         _patch(torch.cuda, "synchronize", _synchronize)
         # param_and_grad_buffer.start_grad_sync/finish_grad_sync wait on the current stream.
         _patch(torch.cuda, "current_stream", _current_stream)
+        # get_model (0.19) builds DDP inside ``torch.cuda.stream(torch.cuda.Stream())``.
+        _patch(torch.cuda, "Stream", _CpuStreamClass)
         # CUDA RNG -> CPU generator: model_parallel_cuda_manual_seed, CudaRNGStatesTracker.add,
         # checkpointing's rng state; torch.cuda.random holds separate bindings of the same names.
         for owner in (torch.cuda, torch.cuda.random):

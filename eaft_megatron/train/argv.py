@@ -176,10 +176,6 @@ def complete_argv(argv: list[str], *, cpu: bool, te_available: bool) -> tuple[li
             if not _has(argv, flag):
                 add(*flags[i:i + 1 + has_value])
             i += 1 + has_value
-        if not _has(argv, "--spec"):
-            # megatron-core 0.19.2's validate_args asserts --spec local with --attention-backend
-            # local; CPU_PRETRAIN_FLAGS predates that check. Our model provider ignores --spec.
-            add("--spec", "local")
     elif not te_available and not _has(argv, "--transformer-impl"):
         add("--transformer-impl", "local")
     return argv + added, LaunchInfo(hf_dir=hf_dir, hf_config=hf_config, cpu=cpu, added=added)

@@ -91,19 +91,6 @@ def _setup_cpu(args: Any) -> None:
             order="tp-cp-ep-dp-pp" if not args.use_tp_pp_dp_mapping else "tp-cp-ep-pp-dp",
             create_gloo_process_groups=args.use_gloo_process_groups,
         )
-    # get_model (0.19.2) builds DDP inside `torch.cuda.stream(torch.cuda.Stream())`; the CPU
-    # layer answers current_stream() with a no-op stream but leaves the constructor alone.
-    # Proposed for eaft_megatron.compat.cpu (kept here until that file owner adds it).
-    if not getattr(torch.cuda.Stream, "_eaft_cpu", False):
-        from ..compat.cpu import _CpuStream
-
-        class CpuStream(_CpuStream):
-            _eaft_cpu = True
-
-            def __init__(self, *a: Any, **kw: Any) -> None:
-                pass
-
-        torch.cuda.Stream = CpuStream
     original = loop.initialize_megatron
     if getattr(original, "_eaft_cpu", False):
         return
