@@ -133,7 +133,7 @@ def _summarise_log_line(line: str) -> str | None:
     if (m := re.search(r"iteration\s+(\d+)/\s*(\d+) \|", line)) and "consumed samples" in line:
         head = f"iteration {m.group(1)}/{m.group(2)}"
     elif m := re.search(r"validation loss at iteration (\d+)( on validation set)?", line):
-        head = f"validation @ {m.group(1)}"
+        head = f"{'final ' if m.group(2) else ''}evaluation @ {m.group(1)}"
     else:
         return None
     parts = [head]
@@ -228,7 +228,8 @@ def run_demo(args: argparse.Namespace) -> dict:
                                      seq_length=sizes.seq_length, tokenizer=hf_dir,
                                      workers=1 if args.quick else 2, progress=not args.quick)}
     s = summaries["train"]
-    print(f"  train: {json.dumps({k: s[k] for k in s if isinstance(s[k], (int, float))})}")
+    print("  " + ", ".join(f"{k.replace('_', ' ')} {s[k]}" for k in (
+        "documents", "tokens", "supervised_tokens", "truncated", "skipped") if k in s))
 
     _say(4, total, f"Training with {args.loss_type.upper()} through Megatron's own loop "
                    f"(torchrun, TP={args.tp} x PP={args.pp}) -> {work / 'run'}")
