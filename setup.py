@@ -11,6 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["eaft_megatron", "eaft_megatron.*"]),
+    package_data={"eaft_megatron.demo": ["chat.jsonl"]},
     python_requires=">=3.12",
     install_requires=[
         "torch>=2.6",
