@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -55,12 +54,6 @@ def find_iteration_dir(root: str | os.PathLike, iteration: int | None = None) ->
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def megatron_process_group(tp: int = 1, pp: int = 1):
     """Make sure torch.distributed and Megatron's parallel state exist (a one-process gloo
@@ -73,9 +66,9 @@ def megatron_process_group(tp: int = 1, pp: int = 1):
     install_cpu_compat()
     created_pg = False
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # An in-memory store: no port to pick (and no MASTER_PORT left in the environment for
+        # child processes to collide on).
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         created_pg = True
     created_mp = False
     if not parallel_state.model_parallel_is_initialized():
