@@ -115,6 +115,85 @@ def _entropy_of_sorted_logits(top: torch.Tensor) -> torch.Tensor:
     return torch.log1p(s) - ed.sum(dim=1) / (1.0 + s)
 
 
+class MergedPartials(NamedTuple):
+    cross_entropy: torch.Tensor  # [N] CE_t over the whole vocabulary
+    target_prob: torch.Tensor  # [N] p_t(y_t)
+    entropy: torch.Tensor | None  # [N] H_t for the gate (None if not asked for)
+    softmax_scale: torch.Tensor  # [N] exp(m_r - M) / S: softmax = exp(z - m_r) * scale here
+
+
+def partial_columns(*, full: bool, k_local: int) -> int:
+    """Columns of the per-token partials: 0 local max m_r, 1 s_r = sum exp(z - m_r) - 1,
+    2 label logit (0 where this rank does not own the label), [3 sum exp(z - m_r) (z - m_r) for
+    full entropy], then the k_local largest logits."""
+    return (4 if full else 3) + k_local
+
+
+def local_partials(chunk: torch.Tensor, buf: torch.Tensor, part: torch.Tensor, *, k_local: int,
+                   full: bool, scratch: torch.Tensor | None) -> None:
+    """One row chunk: fill ``part`` (all columns but the label's) and ``buf = exp(z - m_r)``.
+
+    ``chunk`` [n, V_l] is read in its own dtype (max and top-k are exact on it); ``buf`` [n, V_l]
+    fp32 receives the exponentials; ``scratch`` (fp32, at least [n, V_l]) is needed for
+    ``full``.
+    """
+    col_topk = 4 if full else 3
+    if k_local:
+        part[:, col_topk:] = chunk.topk(k_local, dim=1, sorted=False).values
+    row_max = chunk.amax(dim=1, keepdim=True).to(torch.float32)
+    part[:, 0] = row_max.squeeze(1)
+    if full:
+        shifted = scratch[: chunk.shape[0]]
+        torch.sub(chunk, row_max, out=shifted)  # z - m_r, fp32
+        torch.exp(shifted, out=buf)
+        # s_r = S_r - 1 accumulated in fp64: log(1 + s) and the full entropy keep their
+        # relative precision on confident tokens (s below fp32 epsilon).
+        part[:, 1] = buf.sum(dim=1, dtype=torch.float64) - 1.0
+        part[:, 3] = torch.mul(shifted, buf, out=shifted).sum(dim=1)
+    else:
+        torch.sub(chunk, row_max, out=buf)
+        buf.exp_()
+        part[:, 1] = buf.sum(dim=1) - 1.0
+
+
+def merge_partials(gathered: torch.Tensor, *, rank: int, full: bool, k_local: int,
+                   top_k: int) -> MergedPartials:
+    """Every rank's partials [world, N, C] -> per-token CE, p(label), entropy (identical on all
+    ranks), and this rank's softmax scale."""
+    n_tokens = gathered.shape[1]
+    local_max = gathered[..., 0]
+    global_max, max_rank = local_max.max(dim=0)
+    rescale = torch.exp(local_max - global_max)  # exp(m_r - M), [world, N]
+    # S = sum_v exp(z_v - M) = sum_r exp(m_r - M) (1 + s_r) = 1 + s, with the leading 1
+    # (the global max) kept out of the sum so that log S = log1p(s) stays precise.
+    others = rescale.scatter(0, max_rank.unsqueeze(0), 0.0)
+    s = (rescale * gathered[..., 1]).sum(dim=0) + others.sum(dim=0)
+    sum_exp = 1.0 + s
+    log_sum_exp_shifted = torch.log1p(s)
+    cross_entropy = global_max + log_sum_exp_shifted - gathered[..., 2].sum(dim=0)
+    entropy = None
+    if full:
+        # H = log S - sum_v p_v (z_v - M), per rank: exp(m_r - M) (T_r + (m_r - M) S_r) / S
+        shifted = gathered[..., 3] + (local_max - global_max) * (1.0 + gathered[..., 1])
+        entropy = log_sum_exp_shifted - (rescale * shifted).sum(dim=0) / sum_exp
+    elif k_local:
+        candidates = gathered[..., 3:].permute(1, 0, 2).reshape(n_tokens, -1)
+        k = min(top_k, candidates.shape[1])
+        entropy = _entropy_of_sorted_logits(candidates.topk(k, dim=1, sorted=True).values)
+    return MergedPartials(cross_entropy, torch.exp(-cross_entropy), entropy,
+                          rescale[rank] / sum_exp)
+
+
+def weighted_loss(merged: MergedPartials, valid: torch.Tensor, *, loss_type: str, top_k: int,
+                  alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_t, w_t * CE_t), both exactly 0 where not ``valid``."""
+    weight = token_weight(loss_type=loss_type, target_prob=merged.target_prob,
+                          entropy=merged.entropy, top_k=top_k, alpha=alpha)
+    zero = torch.zeros((), dtype=torch.float32, device=weight.device)
+    weight = torch.where(valid, weight, zero)
+    return weight, torch.where(valid, weight * merged.cross_entropy, zero)
+
+
 class _VocabParallelEAFT(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -145,10 +224,8 @@ class _VocabParallelEAFT(torch.autograd.Function):
         want_topk = need_entropy and entropy_mode == "topk"
         want_full = need_entropy and entropy_mode == "full"
         k_local = min(top_k, vocab_local) if want_topk else 0
-        # Partials columns: 0 local max m_r, 1 s_r = sum exp(z - m_r) - 1, 2 label logit (0 if not owned),
-        # [3 sum exp(z - m_r) * (z - m_r) for full entropy], [then the k_local top values].
-        col_topk = 4 if want_full else 3
-        partials = torch.zeros(n_tokens, col_topk + k_local, dtype=torch.float32, device=device)
+        partials = torch.zeros(n_tokens, partial_columns(full=want_full, k_local=k_local),
+                               dtype=torch.float32, device=device)
 
         work = torch.empty(n_tokens, vocab_local, dtype=torch.float32, device=device)
         scratch = (
@@ -161,59 +238,20 @@ class _VocabParallelEAFT(torch.autograd.Function):
         partials[:, 2].masked_fill_(~owned, 0.0)
         for r0 in range(0, n_tokens, chunk_rows):
             r1 = min(r0 + chunk_rows, n_tokens)
-            chunk = logits_2d[r0:r1]  # input dtype; max and top-k are exact on it
-            buf = work[r0:r1]
-            part = partials[r0:r1]
-            if k_local:
-                part[:, col_topk:] = chunk.topk(k_local, dim=1, sorted=False).values
-            row_max = chunk.amax(dim=1, keepdim=True).to(torch.float32)
-            part[:, 0] = row_max.squeeze(1)
-            if want_full:
-                shifted = scratch[: r1 - r0]
-                torch.sub(chunk, row_max, out=shifted)  # z - m_r, fp32
-                torch.exp(shifted, out=buf)
-                # s_r = S_r - 1 accumulated in fp64: log(1 + s) and the full entropy keep
-                # their relative precision on confident tokens (s below fp32 epsilon).
-                part[:, 1] = buf.sum(dim=1, dtype=torch.float64) - 1.0
-                part[:, 3] = torch.mul(shifted, buf, out=shifted).sum(dim=1)
-            else:
-                torch.sub(chunk, row_max, out=buf)
-                buf.exp_()
-                part[:, 1] = buf.sum(dim=1) - 1.0
+            local_partials(logits_2d[r0:r1], work[r0:r1], partials[r0:r1], k_local=k_local,
+                           full=want_full, scratch=scratch)
         del scratch
 
         gathered = _all_gather_partials(partials, group, world)  # [world, N, C]
-        local_max = gathered[..., 0]
-        global_max, max_rank = local_max.max(dim=0)
-        rescale = torch.exp(local_max - global_max)  # exp(m_r - M), [world, N]
-        # S = sum_v exp(z_v - M) = sum_r exp(m_r - M) (1 + s_r) = 1 + s, with the leading 1
-        # (the global max) kept out of the sum so that log S = log1p(s) stays precise.
-        others = rescale.scatter(0, max_rank.unsqueeze(0), 0.0)
-        s = (rescale * gathered[..., 1]).sum(dim=0) + others.sum(dim=0)
-        sum_exp = 1.0 + s
-        log_sum_exp_shifted = torch.log1p(s)
-        cross_entropy = global_max + log_sum_exp_shifted - gathered[..., 2].sum(dim=0)
-        target_prob = torch.exp(-cross_entropy)
-
-        entropy = None
-        if want_full:
-            # H = log S - sum_v p_v (z_v - M), per rank: exp(m_r - M) (T_r + (m_r - M) S_r) / S
-            shifted = gathered[..., 3] + (local_max - global_max) * (1.0 + gathered[..., 1])
-            entropy = log_sum_exp_shifted - (rescale * shifted).sum(dim=0) / sum_exp
-        elif want_topk:
-            candidates = gathered[..., col_topk:].permute(1, 0, 2).reshape(n_tokens, -1)
-            k = min(top_k, candidates.shape[1])
-            top = candidates.topk(k, dim=1, sorted=True).values
-            entropy = _entropy_of_sorted_logits(top)
-
-        weight = token_weight(
-            loss_type=loss_type, target_prob=target_prob, entropy=entropy, top_k=top_k, alpha=alpha
-        )
+        merged = merge_partials(gathered, rank=rank, full=want_full, k_local=k_local,
+                                top_k=top_k)
+        weight, loss = weighted_loss(merged, valid, loss_type=loss_type, top_k=top_k,
+                                     alpha=alpha)
+        cross_entropy, target_prob, entropy = merged.cross_entropy, merged.target_prob, \
+            merged.entropy
         zero = torch.zeros((), dtype=torch.float32, device=device)
-        weight = torch.where(valid, weight, zero)
-        loss = torch.where(valid, weight * cross_entropy, zero)
 
-        ctx.save_for_backward(work, rescale[rank] / sum_exp, weight, local_index, owned)
+        ctx.save_for_backward(work, merged.softmax_scale, weight, local_index, owned)
         ctx.input_dtype = logits.dtype
         ctx.input_shape = logits.shape
         ctx.chunk_rows = chunk_rows
