@@ -6,7 +6,12 @@ detached weight (SFT: 1, DFT: p_target, EAFT: normalised top-k entropy) without 
 vocab-parallel logits.
 """
 
-from .ops import EAFTTokenStats, vocab_parallel_eaft_cross_entropy
+from .ops import EAFTTokenStats, fused_linear_eaft_cross_entropy, vocab_parallel_eaft_cross_entropy
 
 __version__ = "0.1.0"
-__all__ = ["EAFTTokenStats", "vocab_parallel_eaft_cross_entropy", "__version__"]
+__all__ = [
+    "EAFTTokenStats",
+    "fused_linear_eaft_cross_entropy",
+    "vocab_parallel_eaft_cross_entropy",
+    "__version__",
+]

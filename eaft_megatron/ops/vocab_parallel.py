@@ -120,6 +120,7 @@ class MergedPartials(NamedTuple):
     target_prob: torch.Tensor  # [N] p_t(y_t)
     entropy: torch.Tensor | None  # [N] H_t for the gate (None if not asked for)
     softmax_scale: torch.Tensor  # [N] exp(m_r - M) / S: softmax = exp(z - m_r) * scale here
+    log_sum_exp: torch.Tensor  # [N] log sum_v exp(z_v) over the whole vocabulary
 
 
 def partial_columns(*, full: bool, k_local: int) -> int:
@@ -181,7 +182,7 @@ def merge_partials(gathered: torch.Tensor, *, rank: int, full: bool, k_local: in
         k = min(top_k, candidates.shape[1])
         entropy = _entropy_of_sorted_logits(candidates.topk(k, dim=1, sorted=True).values)
     return MergedPartials(cross_entropy, torch.exp(-cross_entropy), entropy,
-                          rescale[rank] / sum_exp)
+                          rescale[rank] / sum_exp, global_max + log_sum_exp_shifted)
 
 
 def weighted_loss(merged: MergedPartials, valid: torch.Tensor, *, loss_type: str, top_k: int,
@@ -333,22 +334,32 @@ def _validate_inputs(logits: torch.Tensor, target: torch.Tensor, ignore_index: i
             f"vocab_parallel_logits must have a non-empty last (vocabulary) dimension, "
             f"got shape {tuple(logits.shape)}"
         )
+    validate_target(target, expected_shape=tuple(logits.shape[:-1]),
+                    vocab_local=logits.shape[-1], world=world, ignore_index=ignore_index,
+                    device=logits.device, what=f"the logits' leading shape (logits shape "
+                                               f"{tuple(logits.shape)})")
+
+
+def validate_target(target: torch.Tensor, *, expected_shape: tuple, vocab_local: int, world: int,
+                    ignore_index: int, device: torch.device, what: str) -> None:
+    """Type, shape, device and range of the label ids (one host sync for the range)."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"target must be an integer tensor of token ids, got dtype {target.dtype}")
-    if tuple(target.shape) != tuple(logits.shape[:-1]):
+    if tuple(target.shape) != tuple(expected_shape):
         raise ValueError(
-            f"target shape {tuple(target.shape)} must equal the logits' leading shape "
-            f"{tuple(logits.shape[:-1])} (logits shape {tuple(logits.shape)})"
+            f"target shape {tuple(target.shape)} must equal {what} {tuple(expected_shape)}"
         )
-    if target.device != logits.device:
-        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
-    vocab = logits.shape[-1] * world
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but the inputs are on {device}")
+    vocab = vocab_local * world
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
     if bool(bad.any()):  # one host sync per call: the price of a clear error
         first = target[bad].reshape(-1)[0].item()
         raise ValueError(
             f"target contains token id {first} outside [0, {vocab}) (vocabulary "
-            f"{logits.shape[-1]} per rank x tp {world}) that is not ignore_index={ignore_index}"
+            f"{vocab_local} per rank x tp {world}) that is not ignore_index={ignore_index}"
         )
 
 
