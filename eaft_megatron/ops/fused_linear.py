@@ -43,7 +43,7 @@ from .vocab_parallel import (
 
 # Tokens per chunk: the chunk's fp32 logits stay around this size (CPU: cache-friendly GEMM
 # tiles; GPU: large enough to keep the GEMMs efficient).
-_CHUNK_LOGITS_BYTES_CPU = 16 << 20
+_CHUNK_LOGITS_BYTES_CPU = 8 << 20
 _CHUNK_LOGITS_BYTES_GPU = 1 << 30
 
 
@@ -111,9 +111,7 @@ class _FusedLinearEAFT(torch.autograd.Function):
             b.mul_((w * merged.softmax_scale)[:, None])
             rows = owned[c0:c1].nonzero().squeeze(1)
             b[rows, local_index[c0:c1][rows]] -= w[rows]
-            dz = b.to(weight.dtype)
-            grad_hidden[c0:c1] = dz @ weight
-            grad_weight += dz.t() @ hc
+            _accumulate_grads(b, hc, weight, grad_hidden[c0:c1], grad_weight)
         ctx.save_for_backward(hidden, weight, grad_hidden, grad_weight, out["w"], out["lse"],
                               local_index, owned)
         ctx.group, ctx.world, ctx.sp, ctx.chunk = group, world, sp, chunk
@@ -153,6 +151,23 @@ class _FusedLinearEAFT(torch.autograd.Function):
         return (grad_hidden.view(hidden.shape), grad_weight.to(weight.dtype)) + (None,) * 10
 
 
+def _accumulate_grads(dz: torch.Tensor, hc: torch.Tensor, weight: torch.Tensor,
+                      grad_hidden: torch.Tensor, grad_weight: torch.Tensor) -> None:
+    """grad_hidden (chunk rows) = dz @ weight; grad_weight += dz.T @ hidden_chunk.
+
+    ``dz`` is fp32 [n, V_l]. fp32 weights: both GEMMs in fp32, the weight gradient accumulated
+    in place (no weight-sized temporary). Lower precision: GEMMs in the weight's dtype, as the
+    output layer's own backward, accumulated into the fp32 buffer.
+    """
+    if weight.dtype == torch.float32:
+        torch.mm(dz, weight, out=grad_hidden)
+        grad_weight.addmm_(dz.t(), hc)
+    else:
+        dz = dz.to(weight.dtype)
+        grad_hidden.copy_(dz @ weight)
+        grad_weight += dz.t() @ hc
+
+
 def _recompute_grads(ctx, hidden, weight, grad_hidden, grad_weight, row_grad, lse, local_index,
                      owned):
     h2 = (_gather_sequence(hidden, ctx.group, ctx.world) if ctx.sp else hidden)
@@ -165,9 +180,7 @@ def _recompute_grads(ctx, hidden, weight, grad_hidden, grad_weight, row_grad, ls
         dz.mul_(row_grad[c0:c1, None])
         rows = owned[c0:c1].nonzero().squeeze(1)
         dz[rows, local_index[c0:c1][rows]] -= row_grad[c0:c1][rows]
-        dz = dz.to(weight.dtype)
-        grad_hidden[c0:c1] = dz @ weight
-        grad_weight += dz.t() @ hc
+        _accumulate_grads(dz, hc, weight, grad_hidden[c0:c1], grad_weight)
 
 
 @torch.compiler.disable
@@ -193,7 +206,7 @@ def fused_linear_eaft_cross_entropy(
         weight: ``[V/tp, h]`` this rank's shard of the output-layer (or tied embedding) weight.
         target: ``[s, b]`` global token ids, ``ignore_index`` for unsupervised tokens.
         sequence_parallel: the hidden states are split over the sequence across TP ranks.
-        chunk_tokens: tokens per chunk (default: about 16 MiB of fp32 logits on CPU).
+        chunk_tokens: tokens per chunk (default: about 8 MiB of fp32 logits on CPU).
         loss_type, top_k, alpha, entropy, ignore_index, tp_group, return_stats: as in
             :func:`vocab_parallel_eaft_cross_entropy`.
 
