@@ -37,4 +37,7 @@ def add_eaft_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="logging: ... and a conflict when p(label) is below this")
     group.add_argument("--no-eaft-stats", action="store_true",
                        help="do not compute gate weight / entropy / conflict statistics")
+    group.add_argument("--eaft-fused-linear", action="store_true",
+                       help="fuse the output layer into the loss (Megatron-Core's "
+                            "output_processor hook): the logits are never materialised")
     return parser

@@ -51,6 +51,7 @@ __all__ = [
     "EAFTLossConfig",
     "EAFTLanguageModelLoss",
     "eaft_loss_installed",
+    "eaft_output_processor",
     "install_eaft_loss",
     "language_modules",
     "reduce_eaft_loss",
@@ -189,6 +190,37 @@ class EAFTLanguageModelLoss:
         if stats is not None:
             loss.eaft_stats = EAFTTokenStats(*(t.transpose(0, 1) for t in stats))
         return loss
+
+
+def eaft_output_processor(*, hidden_states, output_layer, output_weight, labels, context,
+                          **unused: Any) -> torch.Tensor:
+    """``GPTModel.forward(..., output_processor=eaft_output_processor,
+    output_processor_context=config)``: the output layer and the EAFT loss fused
+    (:func:`fused_linear_eaft_cross_entropy`), so the logits are never materialised.
+
+    Megatron-Core >= 0.19 calls it with the decoder's final hidden states ``[s(/tp), b, h]``;
+    it returns what ``compute_language_model_loss`` would (``[b, s]`` ``w_t * CE_t``, with
+    ``.eaft_stats``), or the logits ``[b, s, V/tp]`` when there are no labels (inference).
+    """
+    from ..ops import fused_linear_eaft_cross_entropy
+
+    if labels is None:
+        logits, _ = output_layer(hidden_states, weight=output_weight)
+        return logits.transpose(0, 1).contiguous()
+    c: EAFTLossConfig = context
+    weight = output_weight if output_weight is not None else output_layer.weight
+    out = fused_linear_eaft_cross_entropy(
+        hidden_states, weight, labels.transpose(0, 1),
+        sequence_parallel=bool(getattr(output_layer, "sequence_parallel", False)),
+        loss_type=c.loss_type, top_k=c.top_k, alpha=c.alpha, entropy=c.entropy,
+        ignore_index=c.ignore_index, tp_group=getattr(output_layer, "tp_group", None),
+        return_stats=c.stats, vocab_size=c.vocab_size,
+    )
+    loss, stats = out if c.stats else (out, None)
+    loss = loss.transpose(0, 1).contiguous()
+    if stats is not None:
+        loss.eaft_stats = EAFTTokenStats(*(t.transpose(0, 1) for t in stats))
+    return loss
 
 
 def install_eaft_loss(model: Any, config: EAFTLossConfig | None = None) -> Any:

@@ -62,7 +62,7 @@ def _gather_sequence(hidden: torch.Tensor, group, world: int) -> torch.Tensor:
 class _FusedLinearEAFT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, loss_type, top_k, alpha, entropy_mode,
-                ignore_index, group, sequence_parallel, chunk_tokens, need_entropy):
+                ignore_index, group, sequence_parallel, chunk_tokens, need_entropy, vocab_size):
         rank, world = _group_rank_size(group)
         sp = sequence_parallel and world > 1
         full_hidden = _gather_sequence(hidden, group, world) if sp else hidden
@@ -78,6 +78,8 @@ class _FusedLinearEAFT(torch.autograd.Function):
         want_full = need_entropy and entropy_mode == "full"
         k_local = min(top_k, vocab_local) if need_entropy and entropy_mode == "topk" else 0
         columns = partial_columns(full=want_full, k_local=k_local)
+        # Padded vocabulary rows (ids >= vocab_size) on this rank: excluded from the softmax.
+        first_padded = vocab_local if vocab_size is None else max(vocab_size - rank * vocab_local, 0)
 
         f32 = dict(dtype=torch.float32, device=device)
         out = {k: torch.zeros(n_tokens, **f32) for k in ("loss", "ce", "prob", "ent", "w", "lse")}
@@ -90,6 +92,8 @@ class _FusedLinearEAFT(torch.autograd.Function):
             c1 = min(c0 + chunk, n_tokens)
             hc = h2[c0:c1]
             logits = hc @ weight.t()  # [n, V_l] in the input dtype, as the output layer
+            if first_padded < vocab_local:
+                logits[:, first_padded:] = torch.finfo(logits.dtype).min / 2
             part = torch.zeros(c1 - c0, columns, **f32)
             part[:, 2] = logits.gather(1, local_index[c0:c1, None]).squeeze(1)
             part[:, 2].masked_fill_(~owned[c0:c1], 0.0)
@@ -115,6 +119,7 @@ class _FusedLinearEAFT(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, grad_hidden, grad_weight, out["w"], out["lse"],
                               local_index, owned)
         ctx.group, ctx.world, ctx.sp, ctx.chunk = group, world, sp, chunk
+        ctx.first_padded = first_padded
         zero = torch.zeros((), **f32)
         stats = [torch.where(valid, out[k], zero).view(target.shape)
                  for k in ("ce", "prob", "ent")]
@@ -148,7 +153,7 @@ class _FusedLinearEAFT(torch.autograd.Function):
                 grad_hidden = out
             else:
                 dist.all_reduce(grad_hidden, group=ctx.group)
-        return (grad_hidden.view(hidden.shape), grad_weight.to(weight.dtype)) + (None,) * 10
+        return (grad_hidden.view(hidden.shape), grad_weight.to(weight.dtype)) + (None,) * 11
 
 
 def _accumulate_grads(dz: torch.Tensor, hc: torch.Tensor, weight: torch.Tensor,
@@ -176,7 +181,10 @@ def _recompute_grads(ctx, hidden, weight, grad_hidden, grad_weight, row_grad, ls
     for c0 in range(0, h2.shape[0], ctx.chunk):
         c1 = min(c0 + ctx.chunk, h2.shape[0])
         hc = h2[c0:c1]
-        dz = (hc @ weight.t()).to(torch.float32).sub_(lse[c0:c1, None]).exp_()
+        logits = hc @ weight.t()
+        if ctx.first_padded < logits.shape[1]:
+            logits[:, ctx.first_padded:] = torch.finfo(logits.dtype).min / 2
+        dz = logits.to(torch.float32).sub_(lse[c0:c1, None]).exp_()
         dz.mul_(row_grad[c0:c1, None])
         rows = owned[c0:c1].nonzero().squeeze(1)
         dz[rows, local_index[c0:c1][rows]] -= row_grad[c0:c1][rows]
@@ -198,6 +206,7 @@ def fused_linear_eaft_cross_entropy(
     ignore_index: int = -100,
     tp_group: "dist.ProcessGroup | None" = None,
     return_stats: bool = False,
+    vocab_size: int | None = None,
 ):
     """Per-token EAFT loss of ``hidden @ weight.T`` without materialising the logits.
 
@@ -209,6 +218,8 @@ def fused_linear_eaft_cross_entropy(
         chunk_tokens: tokens per chunk (default: about 8 MiB of fp32 logits on CPU).
         loss_type, top_k, alpha, entropy, ignore_index, tp_group, return_stats: as in
             :func:`vocab_parallel_eaft_cross_entropy`.
+        vocab_size: the real vocabulary when ``weight`` holds padded rows (Megatron pads to a
+            multiple of 128 x tp): logits of ids >= vocab_size are left out of the softmax.
 
     Returns the per-token loss ``[s, b]`` float32 (and :class:`EAFTTokenStats` with
     ``return_stats``). Collectives: with sequence parallelism an all-gather of the hidden
@@ -237,7 +248,7 @@ def fused_linear_eaft_cross_entropy(
     need_entropy = loss_type == "eaft" or return_stats
     loss, ce, prob, ent, w, mask = _FusedLinearEAFT.apply(
         hidden, weight, target.long(), loss_type, top_k, float(alpha), entropy, ignore_index,
-        group, sequence_parallel, chunk_tokens, need_entropy)
+        group, sequence_parallel, chunk_tokens, need_entropy, vocab_size)
     if return_stats:
         return loss, EAFTTokenStats(cross_entropy=ce, target_prob=prob, entropy=ent, weight=w,
                                     mask=mask)

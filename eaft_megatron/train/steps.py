@@ -104,9 +104,16 @@ def forward_step(data_iterator: Any, model: Any, return_schedule_plan: bool = Fa
     timers("batch-generator", log_level=2).start()
     batch = get_batch(data_iterator, args)
     timers("batch-generator").stop()
+    fused = {}
+    if getattr(args, "eaft_fused_linear", False):  # output layer + loss in one op
+        from ..megatron import eaft_output_processor, language_modules
+
+        installed = language_modules(model)[0].compute_language_model_loss
+        fused = dict(output_processor=eaft_output_processor,
+                     output_processor_context=installed.config)
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
                    labels=batch["labels"], loss_mask=batch["loss_mask"],
-                   packed_seq_params=batch["packed_seq_params"])
+                   packed_seq_params=batch["packed_seq_params"], **fused)
     config = EAFTLossConfig.from_args(args)  # thresholds for the report; vocab not needed
     where = "train" if model.training else "evaluation"
     return output, partial(loss_func, batch["loss_mask"], config, where)

@@ -167,3 +167,18 @@ def test_trainer_checkpoint_converts_back_to_hf(tiny, straight):
                    timeout=300)
     ref = _hf_reference(out, tiny["data"])
     assert straight.of("valid")[-1]["lm_loss"] == pytest.approx(ref["ce"], rel=REL)
+
+
+def test_fused_linear_flag_gives_the_same_losses(tiny, straight):
+    """--eaft-fused-linear (output layer + loss fused through Megatron's output_processor hook)
+    logs the same 3 training losses as the unfused path, at tp=2."""
+    out = tiny["root"] / "fused-tp2"
+    run = check(run_train(out, "--load", str(tiny["ckpt"]), "--train-iters", "3",
+                          "--eval-interval", "1000", "--eval-iters", "0",
+                          "--tensor-model-parallel-size", "2", "--eaft-fused-linear",
+                          *_common(tiny), nproc=2))
+    reference, got = straight.train(), run.train()
+    assert sorted(got) == [1, 2, 3]
+    for it in (1, 2, 3):
+        for key in ("loss", "lm_loss", "gate_weight", "entropy"):
+            assert got[it][key] == pytest.approx(reference[it][key], rel=REL), (it, key)
