@@ -15,8 +15,10 @@ and ``--conversations`` synthetic chats (optional system prompt, 1-3 user/assist
   ``--pack`` rows pack into ``--seq-length``.
 
 tokens/s counts the tokens written; ``speedup`` is tokens/s over the loop's (median loop time
-with ``--rounds`` > 1). The machine's load average is recorded with every row: on a shared
-machine other processes take cores from the workers. Results go to
+with ``--rounds`` > 1). ``cpu_s`` is the CPU time spent (parent and workers): with no other
+load, ``workers=N`` takes about ``max(cpu_s / N, parent's share)`` seconds. The machine's load
+average is recorded with every row: on a shared machine other processes take cores from the
+workers, and wall-clock speedups then understate what the code does. Results go to
 ``benchmarks/results/preprocess.csv`` (written atomically).
 """
 
@@ -28,6 +30,7 @@ import json
 import os
 import platform
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -85,18 +88,25 @@ def write_conversations(path: Path, n: int, words: list[str], rng: random.Random
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
-def single_process_loop(path: Path, tokenizer_dir: Path) -> tuple[float, int, int]:
+def single_process_loop(path: Path, tokenizer_dir: Path) -> tuple[float, float, int, int]:
     from eaft_megatron.data import encode_record, load_tokenizer, parse_line
 
     tok = load_tokenizer(tokenizer_dir)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     docs = tokens = 0
     with open(path, "rb") as f:
         for line in f:
             ids, _ = encode_record(parse_line(line)[1], tok)
             docs += 1
             tokens += ids.size
-    return time.perf_counter() - start, docs, tokens
+    return time.perf_counter() - start, time.process_time() - cpu, docs, tokens
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (the workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,18 +143,20 @@ def main(argv: list[str] | None = None) -> int:
         runs += [(int(w), True) for w in args.workers.split(",")] if args.pack else []
         for _ in range(args.rounds):  # interleaved, so a change of machine load hits every mode
             load = os.getloadavg()[0]
-            seconds, docs, tokens = single_process_loop(data, tok_dir)
+            seconds, cpu, docs, tokens = single_process_loop(data, tok_dir)
             rows.append(dict(mode="loop", workers=1, pack=False, conversations=docs,
-                             tokens=tokens, seconds=round(seconds, 2), load_avg=round(load, 2)))
+                             tokens=tokens, seconds=round(seconds, 2), cpu_seconds=round(cpu, 2),
+                             load_avg=round(load, 2)))
             for workers, pack in runs:
                 load = os.getloadavg()[0]
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), cpu_seconds()
                 s = preprocess([data], tokenizer=tok_dir, output_prefix=tmp / f"o{workers}{pack}",
                                seq_length=args.seq_length, pack=pack, workers=workers,
                                progress=False)
                 rows.append(dict(mode=f"workers={workers}", workers=workers, pack=pack,
                                  conversations=s["documents"], tokens=s["tokens"],
                                  seconds=round(time.perf_counter() - t0, 2),
+                                 cpu_seconds=round(cpu_seconds() - cpu0, 2),
                                  load_avg=round(load, 2)))
     loops = sorted(r["seconds"] for r in rows if r["mode"] == "loop")
     base = rows[0]["tokens"] / loops[len(loops) // 2]  # median loop time
@@ -158,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(os.sched_getaffinity(0))} CPUs, {platform.processor() or platform.machine()}"
           " (load_avg: 1-minute load average when the row started; other processes count)")
     print(f"{'mode':<12}{'pack':>6}{'conversations':>15}{'tokens':>13}{'seconds':>9}"
-          f"{'conv/s':>9}{'tokens/s':>11}{'speedup':>9}{'load_avg':>10}")
+          f"{'cpu_s':>8}{'conv/s':>9}{'tokens/s':>11}{'speedup':>9}{'load_avg':>10}")
     for r in rows:
         print(f"{r['mode']:<12}{str(r['pack']):>6}{r['conversations']:>15}{r['tokens']:>13}"
-              f"{r['seconds']:>9.2f}{r['conversations_per_s']:>9}{r['tokens_per_s']:>11}"
-              f"{r['speedup']:>8.2f}x{r['load_avg']:>10.2f}")
+              f"{r['seconds']:>9.2f}{r['cpu_seconds']:>8.2f}{r['conversations_per_s']:>9}"
+              f"{r['tokens_per_s']:>11}{r['speedup']:>8.2f}x{r['load_avg']:>10.2f}")
 
     os.makedirs(args.out, exist_ok=True)
     target = os.path.join(args.out, "preprocess.csv")

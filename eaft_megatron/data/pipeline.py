@@ -142,7 +142,11 @@ def _worker_pool(tokenizer: ChatTokenizer | None, fmt: str, workers: int) -> Ite
         yield None
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    pool = mp.get_context(method).Pool(workers, _init_worker, (tokenizer, fmt))
+    with warnings.catch_warnings():
+        # importing torch starts one idle native thread, so Python warns about any fork; the
+        # workers run the tokenizer and this module only, never torch
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+        pool = mp.get_context(method).Pool(workers, _init_worker, (tokenizer, fmt))
     try:
         yield pool
         pool.close()
