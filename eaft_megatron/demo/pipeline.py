@@ -79,7 +79,13 @@ def _train(args, sizes: Sizes, ckpt: Path, data: Path, run: Path) -> list[dict]:
     import torch
 
     cuda = torch.cuda.is_available()
-    nproc = args.nproc or (torch.cuda.device_count() if cuda else args.tp * args.pp)
+    nproc = args.nproc or args.tp * args.pp
+    if cuda and nproc > torch.cuda.device_count():
+        raise SystemExit(f"eaft-megatron demo: {nproc} processes (--tp {args.tp} x --pp {args.pp}) "
+                         f"need {nproc} GPUs, found {torch.cuda.device_count()}")
+    if nproc % (args.tp * args.pp):
+        raise SystemExit(f"eaft-megatron demo: --nproc {nproc} is not a multiple of "
+                         f"--tp x --pp = {args.tp * args.pp}")
     micro = max(1, sizes.global_batch // max(1, nproc // (args.tp * args.pp)) // 4)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
@@ -266,7 +272,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
     p.add_argument("--nproc", type=int, default=None,
-                   help="processes (default: tp x pp on CPU, all GPUs on GPU)")
+                   help="processes, a multiple of tp x pp (default: tp x pp; the rest is "
+                        "data parallel)")
     p.add_argument("--iters", type=int, default=None, help="training iterations")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--loss-type", choices=["sft", "dft", "eaft"], default="eaft")
