@@ -197,7 +197,21 @@ def _megatron_logits(ckpt: Path, ids):
             return model(ids, torch.arange(s).unsqueeze(0), None)
 
 
+def _quiet_known_notices() -> None:
+    """The demo narrates its own steps: hide megatron-core's import-time notices about optional
+    GPU packages (apex, transformer-engine), its deprecation notices, and torch's "no CUDA
+    runtime" line, which say nothing about this run. Errors still show."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|torch\.distributed)\.")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("torch.utils.cpp_extension", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def run_demo(args: argparse.Namespace) -> dict:
+    _quiet_known_notices()
     sizes = QUICK if args.quick else FULL
     work = Path(args.workdir).resolve()
     if work.exists() and any(work.iterdir()):
