@@ -22,6 +22,7 @@ import torch.distributed as dist
 from .io import ConversionError
 
 TRACKER = "latest_checkpointed_iteration.txt"
+_VOCAB_TENSORS = ("embedding.", "output_layer.")
 
 
 def iteration_dir_name(iteration: int | str) -> str:
@@ -156,8 +157,18 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> No
     else:
         sharded = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
     _expand_factories(sharded, consume=False)  # load fc1 halves in place
+    # torch_dist reads every tensor into a temporary before copying it into place: loading the
+    # vocabulary-sized tensors first, while little else is resident, keeps that temporary out
+    # of the peak (measured: 1.32x -> ~1.0x the model for a 1.1B model).
+    first = {name: {k: v for k, v in sd.items() if k.startswith(_VOCAB_TENSORS)}
+             for name, sd in sharded.items()}
+    rest = {name: {k: v for k, v in sd.items() if not k.startswith(_VOCAB_TENSORS)}
+            for name, sd in sharded.items()}
     try:
-        loaded = dist_checkpointing.load(sharded, str(iteration_dir))
+        loaded = dist_checkpointing.load(first, str(iteration_dir))
+        later = dist_checkpointing.load(rest, str(iteration_dir))
+        for name in sharded:  # (the results also carry the checkpoint's common state)
+            loaded[name].update(later[name])
     except Exception as e:  # missing keys / shape mismatches surface here
         raise ConversionError(f"cannot load model weights from {iteration_dir}: {e}") from e
     for i, m in enumerate(models):
