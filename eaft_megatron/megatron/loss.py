@@ -156,6 +156,15 @@ def _mask_padded_vocab_(logits: torch.Tensor, vocab_size: int, group: Any) -> No
         logits[..., first_padded:] = torch.finfo(logits.dtype).min / 2
 
 
+def _batch_major(out: Any, with_stats: bool) -> torch.Tensor:
+    """The op's ``[s, b]`` result as Megatron's loss ``[b, s]``, statistics as ``.eaft_stats``."""
+    loss, stats = out if with_stats else (out, None)
+    loss = loss.transpose(0, 1).contiguous()
+    if stats is not None:
+        loss.eaft_stats = EAFTTokenStats(*(t.transpose(0, 1) for t in stats))
+    return loss
+
+
 class EAFTLanguageModelLoss:
     """The ``compute_language_model_loss`` installed on one model instance.
 
@@ -185,11 +194,7 @@ class EAFTLanguageModelLoss:
             entropy=c.entropy, ignore_index=c.ignore_index, tp_group=group,
             return_stats=c.stats,
         )
-        loss, stats = out if c.stats else (out, None)
-        loss = loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
-        if stats is not None:
-            loss.eaft_stats = EAFTTokenStats(*(t.transpose(0, 1) for t in stats))
-        return loss
+        return _batch_major(out, c.stats)
 
 
 def eaft_output_processor(*, hidden_states, output_layer, output_weight, labels, context,
@@ -216,11 +221,7 @@ def eaft_output_processor(*, hidden_states, output_layer, output_weight, labels,
         ignore_index=c.ignore_index, tp_group=getattr(output_layer, "tp_group", None),
         return_stats=c.stats, vocab_size=c.vocab_size,
     )
-    loss, stats = out if c.stats else (out, None)
-    loss = loss.transpose(0, 1).contiguous()
-    if stats is not None:
-        loss.eaft_stats = EAFTTokenStats(*(t.transpose(0, 1) for t in stats))
-    return loss
+    return _batch_major(out, c.stats)
 
 
 def install_eaft_loss(model: Any, config: EAFTLossConfig | None = None) -> Any:

@@ -34,6 +34,7 @@ from .vocab_parallel import (
     _all_gather_partials,
     _group_rank_size,
     _resolve_tp_group,
+    label_layout,
     local_partials,
     merge_partials,
     partial_columns,
@@ -73,10 +74,8 @@ class _FusedLinearEAFT(torch.autograd.Function):
         n_tokens, vocab_local = h2.shape[0], weight.shape[0]
         device = hidden.device
 
-        valid = t1 != ignore_index
-        local_target = t1 - rank * vocab_local
-        owned = valid & (local_target >= 0) & (local_target < vocab_local)
-        local_index = torch.where(owned, local_target, 0)
+        valid, owned, local_index = label_layout(t1, rank=rank, vocab_local=vocab_local,
+                                                 ignore_index=ignore_index)
         want_full = need_entropy and entropy_mode == "full"
         k_local = min(top_k, vocab_local) if need_entropy and entropy_mode == "topk" else 0
         columns = partial_columns(full=want_full, k_local=k_local)

@@ -115,6 +115,15 @@ def _entropy_of_sorted_logits(top: torch.Tensor) -> torch.Tensor:
     return torch.log1p(s) - ed.sum(dim=1) / (1.0 + s)
 
 
+def label_layout(target: torch.Tensor, *, rank: int, vocab_local: int, ignore_index: int):
+    """(valid, owned, local_index) for flat global label ids on this rank's vocabulary shard:
+    supervised tokens, those whose label this rank holds, and its column here (0 elsewhere)."""
+    valid = target != ignore_index
+    local_target = target - rank * vocab_local
+    owned = valid & (local_target >= 0) & (local_target < vocab_local)
+    return valid, owned, torch.where(owned, local_target, 0)
+
+
 class MergedPartials(NamedTuple):
     cross_entropy: torch.Tensor  # [N] CE_t over the whole vocabulary
     target_prob: torch.Tensor  # [N] p_t(y_t)
@@ -217,10 +226,8 @@ class _VocabParallelEAFT(torch.autograd.Function):
         n_tokens = logits_2d.shape[0]
         device = logits.device
 
-        valid = target_1d != ignore_index
-        local_target = target_1d - rank * vocab_local
-        owned = valid & (local_target >= 0) & (local_target < vocab_local)
-        local_index = torch.where(owned, local_target, 0)
+        valid, owned, local_index = label_layout(target_1d, rank=rank, vocab_local=vocab_local,
+                                                 ignore_index=ignore_index)
 
         want_topk = need_entropy and entropy_mode == "topk"
         want_full = need_entropy and entropy_mode == "full"
