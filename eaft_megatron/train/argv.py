@@ -7,8 +7,14 @@ The user types only what is not architecture; :func:`complete_argv` adds, unless
   a value typed by the user that disagrees with the HF config is an error;
 - ``--tokenizer-type NullTokenizer --vocab-size V`` (the data is already tokenized) and
   ``--seq-length`` from the prepared data's summary;
-- ``--finetune`` when ``--load`` is a converted HF model (it has ``eaft_megatron.json``): weights
-  only, training starts at iteration 0;
+- where the run starts (:mod:`.restart`): ``--load SRC`` (+ ``--finetune``) resuming the latest
+  complete checkpoint of ``--save`` when there is one, else the pretrained / converted model
+  (weights only, iteration 0); ``--pretrained-checkpoint`` is resolved here, Megatron never sees
+  it; a checkpoint named and missing is an error;
+- checks that fail in one line before any heavy work: prepared data present and complete
+  (``--data-path`` / ``--train-data-path`` / ``--valid-data-path``), tensor/pipeline sizes that
+  divide heads, query groups and layers, EAFT flags, a pretrained checkpoint of another
+  architecture than ``--hf-config``;
 - ``--calculate-per-token-loss`` (always: loss = sum of w*CE over the global batch / global
   number of supervised tokens), ``--train-iters 0`` for ``--skip-train`` / ``--eval-only``;
 - on a machine without CUDA, ``eaft_megatron.compat.CPU_PRETRAIN_FLAGS`` (gloo, local spec,
@@ -17,13 +23,14 @@ The user types only what is not architecture; :func:`complete_argv` adds, unless
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LaunchInfo", "TrainArgError", "complete_argv", "find_hf_dir", "flag_value"]
+from .restart import CheckpointError, Start, resolve_start
+
+__all__ = ["LaunchInfo", "TrainArgError", "complete_argv", "drop_flag", "find_hf_dir", "flag_value",
+           "flag_values"]
 
 
 class TrainArgError(ValueError):
@@ -36,6 +43,7 @@ class LaunchInfo:
     hf_config: Any
     cpu: bool
     added: list[str]
+    start: Start
 
 
 def flag_value(argv: list[str], flag: str) -> str | None:
@@ -49,25 +57,55 @@ def flag_value(argv: list[str], flag: str) -> str | None:
     return value
 
 
+def flag_values(argv: list[str], flag: str) -> list[str] | None:
+    """The values of a ``nargs='*'`` flag (up to the next ``--option``), or None if absent."""
+    values = None
+    for i, a in enumerate(argv):
+        if a == flag:
+            values = []
+            for b in argv[i + 1:]:
+                if b.startswith("--"):
+                    break
+                values.append(b)
+        elif a.startswith(flag + "="):
+            values = [a.split("=", 1)[1]]
+    return values
+
+
 def _has(argv: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
-def find_hf_dir(argv: list[str]) -> Path:
-    """``--hf-config DIR``, else ``<--load>/hf`` or ``<--pretrained-checkpoint>/hf``."""
+def drop_flag(argv: list[str], flag: str, *, takes_value: bool = True) -> list[str]:
+    """``argv`` without any ``--flag [V]`` / ``--flag=V``."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = takes_value
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def find_hf_dir(argv: list[str], roots: tuple[str | None, ...] = ()) -> Path:
+    """``--hf-config DIR``, else the ``hf/`` directory stored with the first checkpoint root
+    that has one: ``roots`` (the resolved start), ``--load``, ``--pretrained-checkpoint``."""
     explicit = flag_value(argv, "--hf-config")
     if explicit is not None:
         path = Path(explicit)
         if not (path / "config.json").is_file():
             raise TrainArgError(f"--hf-config {path}: no config.json there")
         return path
-    for flag in ("--load", "--pretrained-checkpoint"):
-        root = flag_value(argv, flag)
+    for root in (*roots, flag_value(argv, "--load"), flag_value(argv, "--pretrained-checkpoint")):
         if root is not None and (Path(root) / "hf" / "config.json").is_file():
             return Path(root) / "hf"
-    raise TrainArgError("no model architecture: pass --load with a checkpoint converted by "
-                        "`eaft-megatron convert hf-to-megatron` (it stores hf/config.json) or "
-                        "--hf-config DIR (a Hugging Face config directory)")
+    raise TrainArgError("no model architecture: pass --load/--pretrained-checkpoint with a "
+                        "checkpoint converted by `eaft-megatron convert hf-to-megatron` (it "
+                        "stores hf/config.json) or --hf-config DIR (a Hugging Face config "
+                        "directory)")
 
 
 def _fmt(value: Any) -> str:
@@ -116,15 +154,140 @@ def _same(a: str, b: str) -> bool:
         return a == b
 
 
-def _data_summary(argv: list[str]) -> dict | None:
-    prefix = flag_value(argv, "--data-path")
-    if prefix is None:
-        return None
-    path = f"{prefix}_summary.json"
-    if not os.path.isfile(path):
-        return None  # the dataset reader reports it with the full story
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+_DATA_FLAGS = ("--data-path", "--train-data-path", "--valid-data-path")
+
+
+def _data_prefixes(argv: list[str]) -> dict[str, str]:
+    """``{flag: prefix}`` of the prepared datasets named; each flag takes one prefix."""
+    found = {}
+    for flag in _DATA_FLAGS:
+        values = flag_values(argv, flag)
+        if values is None:
+            continue
+        if len(values) != 1:
+            raise TrainArgError(f"{flag} takes one prepared prefix (eaft-megatron preprocess "
+                                f"--output-prefix), got {values or 'none'}")
+        found[flag] = values[0]
+    if "--data-path" in found and "--train-data-path" in found:
+        raise TrainArgError("give --data-path or --train-data-path, not both")
+    return found
+
+
+def check_data(argv: list[str]) -> dict | None:
+    """Every prepared dataset named exists and is complete; returns the training one's summary.
+    A missing one is named with the files expected (and prepared prefixes found beside it)."""
+    from ..data.dataset import load_summary
+    from ..data.writer import dataset_paths
+
+    summaries = {}
+    for flag, prefix in _data_prefixes(argv).items():
+        try:
+            summaries[flag] = load_summary(prefix)
+        except (OSError, ValueError, KeyError) as e:
+            expected = dataset_paths(prefix)
+            files = ", ".join(Path(v).name + ("" if k == "summary" else ".bin/.idx")
+                              for k, v in expected.items())
+            parent = Path(prefix).parent
+            nearby = sorted(str(parent / p.name[:-len("_summary.json")])
+                            for p in parent.glob("*_summary.json")) if parent.is_dir() else []
+            hint = f"; prepared prefixes in {parent}: {', '.join(nearby)}" if nearby else ""
+            detail = str(e) if not isinstance(e, FileNotFoundError) else \
+                f"not a complete prepared dataset (expected {files} in {parent})"
+            raise TrainArgError(f"{flag} {prefix}: {detail}{hint}") from None
+    return summaries.get("--data-path") or summaries.get("--train-data-path")
+
+
+def _int_flag(argv: list[str], flag: str, default: int) -> int:
+    value = flag_value(argv, flag)
+    try:
+        return default if value is None else int(value)
+    except ValueError:
+        raise TrainArgError(f"{flag} {value!r} is not an integer") from None
+
+
+def check_parallel_sizes(argv: list[str], hf_config: Any) -> None:
+    """Tensor / pipeline sizes that the model's heads, query groups and layers allow."""
+    tp = _int_flag(argv, "--tensor-model-parallel-size", 1)
+    pp = _int_flag(argv, "--pipeline-model-parallel-size", 1)
+    heads = hf_config.num_attention_heads
+    groups = getattr(hf_config, "num_key_value_heads", None) or heads
+    layers = hf_config.num_hidden_layers
+    for name, size in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)):
+        if size < 1:
+            raise TrainArgError(f"{name} {size} must be >= 1")
+    if heads % tp or groups % tp:
+        raise TrainArgError(f"--tensor-model-parallel-size {tp} does not divide the model's "
+                            f"{heads} attention heads and {groups} query groups")
+    if layers % pp and not (_has(argv, "--decoder-first-pipeline-num-layers") or
+                            _has(argv, "--decoder-last-pipeline-num-layers")):
+        raise TrainArgError(f"--pipeline-model-parallel-size {pp} does not divide the model's "
+                            f"{layers} layers (or set --decoder-first/last-pipeline-num-layers)")
+
+
+def check_eaft_flags(argv: list[str], hf_config: Any) -> None:
+    """The EAFT flags parse and make a valid loss configuration for this vocabulary."""
+    import argparse
+
+    from ..megatron import EAFTLossConfig, add_eaft_args
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_eaft_args(parser)
+    parser.error = lambda message: (_ for _ in ()).throw(TrainArgError(message))  # type: ignore
+    known, _ = parser.parse_known_args(argv)
+    try:
+        config = EAFTLossConfig.from_args(known, vocab_size=hf_config.vocab_size)
+    except ValueError as e:
+        raise TrainArgError(f"invalid EAFT flags: {e}") from None
+    if config.top_k > hf_config.vocab_size:
+        raise TrainArgError(f"--eaft-top-k {config.top_k} exceeds the vocabulary "
+                            f"({hf_config.vocab_size})")
+
+
+def _architecture_of(hf_dir: Path) -> tuple:
+    from ..convert import load_hf_config
+
+    config = load_hf_config(hf_dir)
+    values, switches = architecture_flags(config)
+    return (tuple(getattr(config, "architectures", None) or ()), tuple(values),
+            tuple(sorted(switches)), config.vocab_size)
+
+
+def check_same_architecture(hf_dir: Path, checkpoint: str | None) -> None:
+    """A checkpoint carrying its own ``hf/`` config must describe the model ``hf_dir`` does."""
+    if checkpoint is None:
+        return
+    stored = Path(checkpoint) / "hf"
+    if not (stored / "config.json").is_file() or stored.resolve() == hf_dir.resolve():
+        return
+    mine, theirs = _architecture_of(hf_dir), _architecture_of(stored)
+    if mine != theirs:
+        diff = [f"{a} vs {b}" for a, b in zip(dict(mine[1]).items(), dict(theirs[1]).items())
+                if a != b][:3]
+        raise TrainArgError(f"the checkpoint {checkpoint} is a different model than --hf-config "
+                            f"{hf_dir} ({'; '.join(diff) or 'architecture differs'})")
+
+
+def resolve_checkpoints(argv: list[str]) -> tuple[list[str], Start]:
+    """``argv`` with ``--load``/``--pretrained-checkpoint``/``--finetune``/``--ckpt-step``
+    replaced by the resolved start (see :mod:`.restart`)."""
+    ckpt_step = flag_value(argv, "--ckpt-step")
+    try:
+        start = resolve_start(
+            load=flag_value(argv, "--load"), save=flag_value(argv, "--save"),
+            pretrained=flag_value(argv, "--pretrained-checkpoint"),
+            finetune="--finetune" in argv, ckpt_step=None if ckpt_step is None else int(ckpt_step),
+            training="--skip-train" not in argv)
+    except CheckpointError as e:
+        raise TrainArgError(str(e)) from None
+    out = drop_flag(argv, "--pretrained-checkpoint")
+    out = drop_flag(out, "--finetune", takes_value=False)
+    if start.resumed or start.finetune:
+        out = drop_flag(out, "--ckpt-step")
+    if start.load is not None and flag_value(out, "--load") != start.load:
+        out = drop_flag(out, "--load") + ["--load", start.load]
+    if start.finetune:
+        out.append("--finetune")
+    return out, start
 
 
 def complete_argv(argv: list[str], *, cpu: bool, te_available: bool) -> tuple[list[str], LaunchInfo]:
@@ -132,8 +295,14 @@ def complete_argv(argv: list[str], *, cpu: bool, te_available: bool) -> tuple[li
     from ..convert import load_hf_config
 
     argv = ["--skip-train" if a == "--eval-only" else a for a in argv]
-    hf_dir = find_hf_dir(argv)
+    given = list(argv)
+    argv, start = resolve_checkpoints(argv)
+    hf_dir = find_hf_dir(given, roots=(start.load, flag_value(given, "--save")))
     hf_config = load_hf_config(hf_dir)
+    check_same_architecture(hf_dir, start.load)
+    check_parallel_sizes(argv, hf_config)
+    check_eaft_flags(argv, hf_config)
+    summary = check_data(argv)
     added: list[str] = []
 
     def add(*items: str) -> None:
@@ -141,25 +310,19 @@ def complete_argv(argv: list[str], *, cpu: bool, te_available: bool) -> tuple[li
 
     values, switches = architecture_flags(hf_config)
     for flag, value in values:
-        given = flag_value(argv, flag)
-        if given is None:
+        given_value = flag_value(argv, flag)
+        if given_value is None:
             add(flag, value)
-        elif not _same(given, value):
-            raise TrainArgError(f"{flag} {given} disagrees with the HF config in {hf_dir} "
+        elif not _same(given_value, value):
+            raise TrainArgError(f"{flag} {given_value} disagrees with the HF config in {hf_dir} "
                                 f"({value}); drop the flag, the architecture is read from there")
     for flag in switches:
         if not _has(argv, flag):
             add(flag)
     if not _has(argv, "--tokenizer-type"):
         add("--tokenizer-type", "NullTokenizer", "--vocab-size", str(hf_config.vocab_size))
-    summary = _data_summary(argv)
     if not _has(argv, "--seq-length") and summary is not None:
         add("--seq-length", str(summary["seq_length"]))
-    load = flag_value(argv, "--load")
-    if load and (Path(load) / "eaft_megatron.json").is_file() and "--finetune" not in argv:
-        # A converted HF model: weights only, iteration 0, and its stored args lack what
-        # Megatron's resume check compares (num_layers, ...): load it as a fine-tuning start.
-        add("--finetune")
     if not _has(argv, "--calculate-per-token-loss"):
         add("--calculate-per-token-loss")
     if "--skip-train" in argv and not (_has(argv, "--train-iters") or
@@ -178,4 +341,5 @@ def complete_argv(argv: list[str], *, cpu: bool, te_available: bool) -> tuple[li
             i += 1 + has_value
     elif not te_available and not _has(argv, "--transformer-impl"):
         add("--transformer-impl", "local")
-    return argv + added, LaunchInfo(hf_dir=hf_dir, hf_config=hf_config, cpu=cpu, added=added)
+    return argv + added, LaunchInfo(hf_dir=hf_dir, hf_config=hf_config, cpu=cpu, added=added,
+                                    start=start)

@@ -20,15 +20,44 @@ __all__ = ["add_train_args", "main"]
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """EAFT flags plus the trainer's own: ``--hf-config``, ``--log-dir``."""
+    """The EAFT group (:func:`eaft_megatron.megatron.add_eaft_args`) plus the trainer's own flags
+    in it: ``--hf-config``, ``--log-dir``."""
     from ..megatron import add_eaft_args
 
     add_eaft_args(parser)
-    group = parser.add_argument_group(title="eaft_megatron.train")
+    group = next(g for g in parser._action_groups if g.title and g.title.startswith("EAFT"))
     group.add_argument("--hf-config", default=None,
-                       help="HF config directory describing the model (default: <load>/hf)")
+                       help="HF config directory describing the model (default: the hf/ "
+                            "directory stored with the checkpoint)")
     group.add_argument("--log-dir", default=None,
                        help="where metrics.jsonl goes (default: --save; none without either)")
+    return parser
+
+
+def _escape_bare_percent(text: str) -> str:
+    """``%`` not starting ``%%`` or ``%(name)`` doubled, so argparse can format the help (a
+    megatron-core 0.19.2 help string has one); correct strings are returned unchanged."""
+    import re
+
+    return re.sub(r"%%|%\(|%", lambda m: m.group(0) if m.group(0) != "%" else "%%", text)
+
+
+def help_parser() -> argparse.ArgumentParser:
+    """Megatron-LM's parser with the EAFT group first, its help strings made printable."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="torchrun [--nproc-per-node N] -m eaft_megatron.train",
+        description="SFT with EAFT in Megatron-LM's own training loop. The architecture comes "
+        "from the checkpoint's hf/ config (or --hf-config); restart idiom: --load RUN --save RUN "
+        "--pretrained-checkpoint CKPT (a rerun resumes RUN's latest complete checkpoint). "
+        "Every other flag is Megatron-LM's.", allow_abbrev=False,
+        usage="%(prog)s [EAFT flags] [Megatron-LM flags]")
+    add_train_args(parser)
+    add_megatron_arguments(parser)
+    for action in parser._actions:
+        if isinstance(action.help, str):
+            action.help = _escape_bare_percent(action.help)
     return parser
 
 
@@ -109,13 +138,63 @@ def _setup_cpu(args: Any) -> None:
     loop.initialize_megatron = initialize_megatron
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _error(message: str, code: int = 2) -> int:
+    """One line on rank 0 (every rank exits with ``code``)."""
+    if _rank() == 0:
+        print(f"eaft_megatron.train: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _parse_megatron_args(full_argv: list[str]) -> Any:
+    """Megatron-LM's parse + validation; its argparse and assertion failures become one line
+    on rank 0 (exit 2) instead of a traceback per rank."""
+    import contextlib
+    import io
+    import traceback
+
+    from megatron.training.arguments import parse_and_validate_args
+
+    sys.argv = [sys.argv[0], *full_argv]  # Megatron's parser reads sys.argv
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return parse_and_validate_args(extra_args_provider=add_train_args)
+    except SystemExit as e:
+        lines = [x for x in captured.getvalue().splitlines() if x.strip()]
+        raise _ArgsRejected(lines[-1] if lines else f"argument parsing failed ({e.code})") from None
+    except AssertionError as e:
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        text = str(e) or (where.line or "").strip()
+        raise _ArgsRejected(f"Megatron-LM rejected the arguments: {text} "
+                            f"({Path(where.filename).name}:{where.lineno})") from None
+    finally:
+        if _rank() == 0:
+            sys.stderr.write(captured.getvalue())
+
+
+class _ArgsRejected(Exception):
+    pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        import warnings
+
+        with warnings.catch_warnings():  # megatron's "Apex is not installed" notices
+            warnings.simplefilter("ignore")
+            help_parser().print_help()
+        return 0
+
     import torch
 
     from ..models import te_available
     from .argv import TrainArgError, complete_argv
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     cpu = not torch.cuda.is_available()
     if cpu:
         from ..compat import install_cpu_compat
@@ -123,24 +202,23 @@ def main(argv: list[str] | None = None) -> int:
         install_cpu_compat()
     try:
         full_argv, info = complete_argv(argv, cpu=cpu, te_available=(not cpu) and te_available())
-    except (TrainArgError, ValueError) as e:
-        print(f"eaft_megatron.train: error: {e}", file=sys.stderr)
-        return 2
+    except (TrainArgError, ValueError, OSError) as e:
+        return _error(str(e))
 
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
-    from megatron.training.arguments import parse_and_validate_args
 
-    from ..megatron import EAFTLossConfig
+    from .guard import EXIT_CODE, RunStopped, install_guard
     from .metrics import MetricsLog, install_metrics_hooks
     from .steps import datasets_provider, forward_step, model_provider
 
-    sys.argv = [sys.argv[0], *full_argv]  # Megatron's parser reads sys.argv
-    args = parse_and_validate_args(extra_args_provider=add_train_args)
-    EAFTLossConfig.from_args(args)  # fail before any process group on a bad EAFT flag
+    try:
+        args = _parse_megatron_args(full_argv)
+    except _ArgsRejected as e:
+        return _error(str(e))
     if not args.calculate_per_token_loss:
-        raise SystemExit("eaft_megatron.train needs --calculate-per-token-loss")
+        return _error("eaft_megatron.train needs --calculate-per-token-loss")
     args.padded_vocab_size = _padded_vocab(args, info.hf_config)
     if cpu:
         _setup_cpu(args)
@@ -148,9 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.save, exist_ok=True)
         _store_hf_dir(info.hf_dir, args.save)
     log_dir = args.log_dir or args.save
-    install_metrics_hooks(MetricsLog(log_dir, enabled=args.rank == args.world_size - 1,
-                                     loss_type=args.loss_type))
+    log = MetricsLog(log_dir, enabled=args.rank == args.world_size - 1, loss_type=args.loss_type)
+    install_metrics_hooks(log)
+    install_guard()
+    start = info.start
+    log.on_start(resumed=start.iteration > 0, iteration=start.iteration,
+                 checkpoint=start.load, finetune=start.finetune)
     if args.rank == 0:
+        print(f"> eaft_megatron.train: {start.note}", flush=True)
         print(f"> eaft_megatron.train: model from {info.hf_dir}, loss {args.loss_type}, "
               f"{'CPU (gloo)' if cpu else 'GPU'}, padded vocab {args.padded_vocab_size}, "
               f"metrics -> {os.path.join(log_dir, 'metrics.jsonl') if log_dir else 'none'}; "
@@ -161,9 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():  # "use a ModelConfig": we deliberately use a provider
         warnings.simplefilter("ignore", UserWarning)
         config = pretrain_cfg_container_from_args(args)
-    pretrain(config, datasets_provider, ModelType.encoder_or_decoder, forward_step,
-             model_provider=partial(model_provider, info.hf_config),
-             skip_model_parallel_init=cpu)
+    try:
+        pretrain(config, datasets_provider, ModelType.encoder_or_decoder, forward_step,
+                 model_provider=partial(model_provider, info.hf_config),
+                 skip_model_parallel_init=cpu)
+    except RunStopped as e:
+        if e.report:
+            print(f"eaft_megatron.train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CODE
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -12,7 +12,14 @@ at full precision, a line is flushed as soon as it is written):
     {"kind": "train", "iteration": 10, "consumed_samples": 80, "iterations_averaged": 10,
      "loss_type": "eaft", "loss": 2.31, "lm_loss": 3.02, "gate_weight": 0.71, "entropy": 2.13,
      "confident_conflicts": 0.004, "learning_rate": 1e-05, "grad_norm": 1.3, "skipped": 0}
-    {"kind": "valid", "iteration": 10, "loss_type": "eaft", "loss": ..., "lm_loss": ..., ...}
+    {"kind": "valid", "iteration": 10, "final": false, "loss_type": "eaft", "loss": ..., ...}
+    {"kind": "restart", "iteration": 20, "checkpoint": "runs/x/iter_0000020", ...}
+    {"kind": "start", "iteration": 0, "checkpoint": "ckpt/qwen3-mcore", "finetune": true, ...}
+
+A run writes ``start`` (fresh) or ``restart`` (resumed from a checkpoint of its own) first. After
+a crash, the records of iterations past the resumed checkpoint appear twice: the ones after the
+last ``restart`` record are the ones the checkpoints continue. ``final`` marks the evaluation
+Megatron runs after training (``--eval-only`` included) apart from the periodic ones.
 
 ``loss`` is the optimised objective (``w*CE`` summed / supervised tokens; equal to ``lm_loss``
 for sft), ``lm_loss`` the plain cross-entropy over the same tokens. Train values are averaged over
@@ -27,7 +34,9 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any
+
+from .patching import patch, unpatch
 
 __all__ = ["MetricsLog", "install_metrics_hooks", "metric_name", "uninstall_metrics_hooks"]
 
@@ -90,22 +99,18 @@ class MetricsLog:
         self.write(record)
         self._sums, self._count, self._skipped = {}, 0, 0
 
-    def on_evaluation(self, *, kind: str, iteration: int, loss_dict: dict) -> None:
-        record = dict(kind=kind, iteration=iteration, loss_type=self.loss_type)
+    def on_start(self, *, resumed: bool, iteration: int, checkpoint: str | None,
+                 finetune: bool) -> None:
+        self.write(dict(kind="restart" if resumed else "start", iteration=iteration,
+                        checkpoint=checkpoint, finetune=finetune, loss_type=self.loss_type,
+                        time=time.time()))
+
+    def on_evaluation(self, *, kind: str, iteration: int, loss_dict: dict,
+                      final: bool = False) -> None:
+        record = dict(kind=kind, iteration=iteration, final=final, loss_type=self.loss_type)
         record.update(self._values({k: float(v) for k, v in loss_dict.items()}))
         record["time"] = time.time()
         self.write(record)
-
-
-def _patch(owner: Any, name: str, make: Callable[[Callable], Callable]) -> None:
-    if not hasattr(owner, name):
-        raise ImportError(f"eaft_megatron.train expected {owner.__name__}.{name} "
-                          "(megatron-core 0.19's training loop)")
-    original = getattr(owner, name)
-    wrapper = make(original)
-    wrapper.__wrapped__ = original
-    _saved.append((owner, name, original))
-    setattr(owner, name, wrapper)
 
 
 def install_metrics_hooks(log: MetricsLog) -> None:
@@ -115,7 +120,7 @@ def install_metrics_hooks(log: MetricsLog) -> None:
     import megatron.training.training as loop
     from megatron.training import get_args
 
-    current = {"kind": "valid", "iteration": 0}
+    current = {"kind": "valid", "iteration": 0, "final": False}
 
     def wrap_training_log(original):
         signature = inspect.signature(original)
@@ -141,7 +146,9 @@ def install_metrics_hooks(log: MetricsLog) -> None:
 
         def evaluate_and_print_results(*args, **kwargs):
             a = signature.bind(*args, **kwargs).arguments
-            current["kind"] = "test" if "test set" in str(a.get("prefix", "")) else "valid"
+            prefix = str(a.get("prefix", ""))  # "iteration N" periodic, "... on X set" final
+            current["kind"] = "test" if "test set" in prefix else "valid"
+            current["final"] = " set" in prefix
             current["iteration"] = a.get("iteration", 0)
             return original(*args, **kwargs)
 
@@ -153,17 +160,15 @@ def install_metrics_hooks(log: MetricsLog) -> None:
             loss_dict, _, timelimit = result
             if not timelimit and loss_dict:
                 log.on_evaluation(kind=current["kind"], iteration=current["iteration"],
-                                  loss_dict=loss_dict)
+                                  loss_dict=loss_dict, final=current["final"])
             return result
 
         return evaluate
 
-    _patch(loop, "training_log", wrap_training_log)
-    _patch(loop, "evaluate_and_print_results", wrap_evaluate_and_print)
-    _patch(loop, "evaluate", wrap_evaluate)
+    patch(loop, "training_log", wrap_training_log, _saved)
+    patch(loop, "evaluate_and_print_results", wrap_evaluate_and_print, _saved)
+    patch(loop, "evaluate", wrap_evaluate, _saved)
 
 
 def uninstall_metrics_hooks() -> None:
-    while _saved:
-        owner, name, original = _saved.pop()
-        setattr(owner, name, original)
+    unpatch(_saved)

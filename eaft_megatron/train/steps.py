@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..megatron import EAFTLossConfig, install_eaft_loss, reduce_eaft_loss
+from .guard import check_loss
 
 __all__ = ["datasets_provider", "forward_step", "loss_func", "model_provider"]
 
@@ -72,24 +73,12 @@ def get_batch(data_iterator: Any, args: Any) -> dict[str, Any]:
     return batch
 
 
-def _not_finite(value: torch.Tensor) -> bool:
-    return not bool(torch.isfinite(value).all())
-
-
 def loss_func(loss_mask: torch.Tensor, config: EAFTLossConfig, where: str,
               output_tensor: torch.Tensor):
-    """Megatron's per-token loss contract, plus a stop on a non-finite loss naming the
-    iteration (when ``--check-for-nan-in-loss-and-grad``, Megatron's default)."""
-    from megatron.training import get_args
-
+    """Megatron's per-token loss contract; a non-finite loss stops the run (:mod:`.guard`),
+    whether or not ``--check-for-nan-in-loss-and-grad`` is on."""
     loss_sum, num_tokens, report = reduce_eaft_loss(loss_mask, output_tensor, config)
-    args = get_args()
-    if args.check_for_nan_in_loss_and_grad and _not_finite(loss_sum):
-        iteration = getattr(args, "curr_iteration", args.iteration) + (where == "train")
-        raise FloatingPointError(
-            f"non-finite loss ({loss_sum.item()}) in {where} at iteration {iteration} "
-            f"(loss_type={config.loss_type}); stopping. Lower --lr, check the data, or pass "
-            "--no-check-for-nan-in-loss-and-grad to let Megatron skip such iterations")
+    check_loss(loss_sum, where=where, loss_type=config.loss_type)
     return loss_sum, num_tokens, report
 
 

@@ -1,0 +1,172 @@
+"""The non-finite guard: a diverging run stops, says where, and never saves a poisoned checkpoint.
+
+Always on, whatever ``--check-for-nan-in-loss-and-grad`` says (Megatron's own check stays as the
+user sets it and may report first):
+
+- loss: the loss function raises :class:`NonFiniteError` on a non-finite loss (training or
+  evaluation), before the backward pass (:func:`check_loss`);
+- gradient norm: after every training step all ranks agree (one 2-value all-reduce) whether the
+  loss or the gradient norm was non-finite, and stop together; an iteration the fp16 loss scaler
+  skipped is not a divergence;
+- parameters: before every checkpoint save all ranks agree (one all-reduce) that their
+  parameters are finite; otherwise nothing is written. The save is also refused when ``--save``
+  already holds a complete checkpoint newer than the iteration being saved, and skipped when it
+  holds exactly this iteration (a requeued run that had already finished).
+
+The message names the iteration, the value and the last good checkpoint; the entry point prints
+it once and exits with status 3.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .patching import patch, unpatch
+from .restart import latest_complete
+
+__all__ = ["NonFiniteError", "RunStopped", "check_loss", "install_guard", "last_good_checkpoint",
+           "uninstall_guard"]
+
+EXIT_CODE = 3
+_saved: list[tuple[Any, str, Any]] = []
+
+
+class RunStopped(RuntimeError):
+    """The guard stopped the run; ``report``: this rank prints the message."""
+
+    def __init__(self, message: str, *, report: bool = True) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class NonFiniteError(RunStopped, FloatingPointError):
+    """Training diverged (non-finite loss, gradient norm or parameters)."""
+
+
+def last_good_checkpoint(args: Any) -> str:
+    """The newest complete checkpoint of ``--save`` (else of ``--load``), or ``none``."""
+    for root in (getattr(args, "save", None), getattr(args, "load", None)):
+        try:
+            iteration = latest_complete(root)
+        except ValueError:
+            iteration = None
+        if iteration is not None:
+            return str(Path(root) / f"iter_{iteration:07d}")
+    return "none"
+
+
+def _advice(args: Any) -> str:
+    return (f"Last good checkpoint: {last_good_checkpoint(args)}. Nothing was saved after it. "
+            "Lower --lr (or raise --lr-warmup-*), check the data, then rerun: the run resumes "
+            "from that checkpoint.")
+
+
+def check_loss(loss_sum: torch.Tensor, *, where: str, loss_type: str) -> None:
+    """Raise :class:`NonFiniteError` when the summed loss of a micro-batch is not finite."""
+    if bool(torch.isfinite(loss_sum).all()):
+        return
+    from megatron.core import parallel_state
+    from megatron.training import get_args
+
+    args = get_args()
+    iteration = getattr(args, "curr_iteration", args.iteration) + (where == "train")
+    raise NonFiniteError(
+        f"non-finite {loss_type} loss ({loss_sum.item()}) in {where} at iteration {iteration}; "
+        f"stopping. {_advice(args)}",
+        report=parallel_state.get_tensor_model_parallel_rank() == 0)
+
+
+def _finite_loss_values(loss_dict: dict) -> tuple[bool, float]:
+    bad = [float(v) for v in loss_dict.values() if not math.isfinite(float(v))]
+    return (not bad), (bad[0] if bad else 0.0)
+
+
+def _agree(values: list[float], device: torch.device) -> list[float]:
+    """Sum ``values`` over all ranks (non-finite values propagate)."""
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32,
+                     device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def _nonfinite_parameters(model: Any) -> list[str]:
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    bad = []
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            if not bool(torch.isfinite(p.detach()).all()):
+                bad.append(name)
+    return bad
+
+
+def install_guard() -> None:
+    """Wrap ``train_step`` and ``save_checkpoint`` of Megatron's loop (idempotent)."""
+    uninstall_guard()
+    import megatron.training.training as loop
+    from megatron.training import get_args
+
+    def wrap_train_step(original):
+        def train_step(*a, **kw):
+            result = original(*a, **kw)
+            loss_dict, skipped_iter, grad_norm = result[0], result[1], result[5]
+            args = get_args()
+            rank = torch.distributed.get_rank()
+            last = rank == torch.distributed.get_world_size() - 1
+            loss_ok, loss_value = _finite_loss_values(loss_dict) if loss_dict else (True, 0.0)
+            grad_ok = skipped_iter or grad_norm is None or math.isfinite(float(grad_norm))
+            flags = _agree([float(not loss_ok), float(not grad_ok),
+                            loss_value if last else 0.0,
+                            float(grad_norm) if (rank == 0 and grad_norm is not None) else 0.0],
+                           _device())
+            if flags[0] or flags[1]:
+                what = (f"non-finite loss ({flags[2]})" if flags[0] else
+                        f"non-finite gradient norm ({flags[3]})")
+                raise NonFiniteError(
+                    f"{what} at iteration {args.curr_iteration + 1}; stopping before any "
+                    f"checkpoint of it. {_advice(args)}", report=rank == 0)
+            return result
+
+        return train_step
+
+    def wrap_save_checkpoint(original):
+        def save_checkpoint(iteration, model, *a, **kw):
+            args = get_args()
+            rank = torch.distributed.get_rank()
+            bad = _nonfinite_parameters(model)
+            if bad:
+                print(f"eaft_megatron.train: rank {rank}: non-finite parameters: "
+                      f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}", flush=True)
+            [bad_ranks] = _agree([float(bool(bad))], _device())
+            if bad_ranks:
+                raise NonFiniteError(
+                    f"not saving the checkpoint of iteration {iteration}: non-finite parameters "
+                    f"on {int(bad_ranks)} rank(s); stopping. {_advice(args)}", report=rank == 0)
+            newest = latest_complete(args.save) if not kw.get("non_persistent_ckpt") else None
+            if newest is not None and newest > iteration:
+                raise RunStopped(  # never roll back: see eaft_megatron.train.restart
+                    f"not saving iteration {iteration}: {args.save} already holds iteration "
+                    f"{newest}", report=rank == 0)
+            if newest is not None and newest == iteration:
+                if rank == 0:
+                    print(f"> eaft_megatron.train: iteration {iteration} is already saved in "
+                          f"{args.save}; not writing it again", flush=True)
+                return None
+            return original(iteration, model, *a, **kw)
+
+        return save_checkpoint
+
+    patch(loop, "train_step", wrap_train_step, _saved)
+    patch(loop, "save_checkpoint", wrap_save_checkpoint, _saved)
+
+
+def uninstall_guard() -> None:
+    unpatch(_saved)

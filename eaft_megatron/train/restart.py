@@ -1,0 +1,152 @@
+"""Where a run starts: resume its own latest checkpoint, or fine-tune from a pretrained one.
+
+Megatron-LM's restart idiom, made strict so that a requeued job (the identical command run
+again) can never roll back::
+
+    --load RUN --save RUN --pretrained-checkpoint CKPT    # Megatron-LM's form
+    --load CKPT --save RUN                                 # converted CKPT: the same meaning
+
+Rules, applied before any process group exists (:func:`resolve_start`):
+
+1. ``--save RUN`` holds a complete checkpoint (its tracker names an iteration directory whose
+   torch_dist ``.metadata`` exists): resume from it (model, optimizer, scheduler, RNG, data
+   position), whatever ``--load`` / ``--pretrained-checkpoint`` / ``--finetune`` say; one line
+   says so. Iteration directories newer than the tracker (a save killed half-way) are
+   incomplete by construction and are overwritten when the run gets there.
+2. Otherwise ``--load`` when it holds a checkpoint (a converted model is always loaded with
+   ``--finetune``: weights only, iteration 0), else ``--pretrained-checkpoint`` (with
+   ``--finetune``); a directory that was named and holds no checkpoint is an error, never a
+   silent random initialisation. Only a command with neither flag starts from random weights.
+3. A start that would overwrite newer work is refused: ``--ckpt-step`` pointing below the
+   latest complete checkpoint of ``--save``, complete iteration directories without a tracker.
+   (The trainer's save guard, :mod:`.guard`, also refuses to save below such an iteration.)
+
+Megatron then receives one unambiguous form: ``--load SRC`` (+ ``--finetune``), without
+``--pretrained-checkpoint``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["CheckpointError", "Start", "complete_iterations", "latest_complete", "resolve_start"]
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CONVERTED_MARK = "eaft_megatron.json"  # written by `eaft-megatron convert hf-to-megatron`
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint named on the command line is missing, incomplete or would be overwritten."""
+
+
+@dataclass
+class Start:
+    """The decision: ``load`` (None: random init), ``finetune``, ``resumed`` (from --save),
+    ``iteration`` it starts at, and one human line ``note``."""
+
+    load: str | None
+    finetune: bool
+    resumed: bool
+    iteration: int
+    note: str
+
+
+def _is_complete(iteration_dir: Path) -> bool:
+    return (iteration_dir / ".metadata").is_file() or \
+        (iteration_dir / "mp_rank_00" / "model_optim_rng.pt").is_file()  # legacy torch format
+
+
+def complete_iterations(root: str | os.PathLike) -> list[int]:
+    """Iterations with a complete ``iter_XXXXXXX`` directory under ``root``, ascending."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [int(m.group(1)) for p in root.iterdir() if (m := _ITER_DIR.match(p.name))
+             and p.is_dir() and _is_complete(p)]
+    return sorted(found)
+
+
+def latest_complete(root: str | os.PathLike | None) -> int | None:
+    """The iteration the tracker of ``root`` names, when its directory is complete; None when
+    ``root`` holds no checkpoint. A tracker naming a missing/incomplete directory, or complete
+    iteration directories without a tracker, raise :class:`CheckpointError`."""
+    if root is None:
+        return None
+    root = Path(root)
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        orphans = complete_iterations(root)
+        if orphans:
+            raise CheckpointError(
+                f"{root} holds complete checkpoints (iterations {orphans}) but no {TRACKER}: "
+                f"restore it (echo {orphans[-1]} > {tracker}) or move the directory away; "
+                "starting over would overwrite them")
+        return None
+    text = tracker.read_text().strip()
+    if text == "release":
+        return 0
+    if not text.isdigit():
+        raise CheckpointError(f"corrupt {tracker}: {text!r} is not an iteration number")
+    iteration = int(text)
+    if not _is_complete(root / f"iter_{iteration:07d}"):
+        raise CheckpointError(f"{tracker} names iteration {iteration}, but "
+                              f"{root / f'iter_{iteration:07d}'} is missing or incomplete")
+    return iteration
+
+
+def _is_converted(root: str) -> bool:
+    return (Path(root) / CONVERTED_MARK).is_file()
+
+
+def _must_hold_checkpoint(flag: str, root: str) -> int:
+    path = Path(root)
+    if not path.is_dir():
+        raise CheckpointError(f"{flag} {root}: no such directory")
+    iteration = latest_complete(path)
+    if iteration is None:
+        raise CheckpointError(f"{flag} {root}: no checkpoint there (no {TRACKER}); refusing to "
+                              "train from random weights (omit --load/--pretrained-checkpoint "
+                              "to do that on purpose)")
+    return iteration
+
+
+def resolve_start(*, load: str | None, save: str | None, pretrained: str | None,
+                  finetune: bool, ckpt_step: int | None, training: bool) -> Start:
+    """Apply the module's rules; raises :class:`CheckpointError` with a one-line message."""
+    newest = latest_complete(save) if (save and training) else None
+    if newest is not None:
+        if ckpt_step is not None and ckpt_step != newest:
+            raise CheckpointError(
+                f"--ckpt-step {ckpt_step}: {save} already holds iteration {newest}; resuming "
+                f"anywhere else would overwrite newer checkpoints (use another --save)")
+        ignored = [f"{f} {v}" for f, v in (("--load", load), ("--pretrained-checkpoint",
+                                                              pretrained)) if v and
+                   Path(v).resolve() != Path(save).resolve()]
+        note = (f"resuming from {Path(save) / f'iter_{newest:07d}'} (the latest complete "
+                f"checkpoint in --save)" + (f"; not loading {', '.join(ignored)}" if ignored
+                                            else ""))
+        return Start(load=save, finetune=False, resumed=True, iteration=newest, note=note)
+
+    if load is not None and Path(load).is_dir() and latest_complete(load) is not None:
+        source, flag = load, "--load"
+    elif pretrained is not None:
+        source, flag = pretrained, "--pretrained-checkpoint"
+    elif load is not None:
+        source, flag = load, "--load"
+    else:
+        return Start(load=None, finetune=False, resumed=False, iteration=0,
+                     note="no --load/--pretrained-checkpoint: starting from random weights")
+    iteration = _must_hold_checkpoint(flag, source)
+    if ckpt_step is not None and source is load:
+        if not _is_complete(Path(load) / f"iter_{ckpt_step:07d}"):
+            raise CheckpointError(f"--ckpt-step {ckpt_step}: {load} has no complete "
+                                  f"iter_{ckpt_step:07d} (found {complete_iterations(load)})")
+        iteration = ckpt_step
+    finetune = finetune or flag == "--pretrained-checkpoint" or _is_converted(source)
+    what = "weights only, from iteration 0" if finetune else f"resuming at iteration {iteration}"
+    return Start(load=source, finetune=finetune, resumed=False, iteration=0 if finetune
+                 else iteration, note=f"loading {source} ({what})")
