@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo.pipeline import register_command as register_demo  # light: argparse only
 
     register_demo(sub)
-    from .data.pipeline import register_command as register_preprocess  # light: numpy only
+    from .data.command import register_command as register_preprocess  # light: argparse only
 
     register_preprocess(sub)
     return parser

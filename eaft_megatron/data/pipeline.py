@@ -11,7 +11,9 @@
 
 Lines are read in order, cut into chunks and tokenized by ``workers`` processes (forked, so the
 tokenizer is loaded once; results come back in input order, so the output does not depend on
-``workers``); the parent process reads lines, packs and writes. Over-long conversations
+``workers``; a worker that dies fails the run at once, see ``workers.py``); the parent process
+reads lines, packs and writes, and reports progress (``progress.py``: a bar on a terminal, a
+line every 10 s in logs). Over-long conversations
 (``> seq_length`` tokens) are cut to ``seq_length`` (``overlong="truncate"``, counted as
 ``truncated``; dropped instead when no supervised token survives the cut) or dropped
 (``"drop"``), counted as ``dropped_overlong``. A bad line stops the run with ``file:line:
@@ -30,15 +32,9 @@ input without tokenizer), ``pad_id``, ``inputs``, ``elapsed_s``, ``format_versio
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import multiprocessing as mp
 import os
-import signal
-import sys
-import threading
 import time
-import warnings
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,11 +42,13 @@ from typing import Any
 
 import numpy as np
 
+from ..progress import Progress
+from .command import OVERLONG
 from .formats import FORMATS, InvalidRecord, parse_line
 from .tokenizer import ChatTokenizer, ConfigError, encode_record, load_tokenizer
+from .writer import DatasetWriter, check_outputs, token_dtype
 
 FORMAT_VERSION = 1
-OVERLONG = ("truncate", "drop")
 CHUNK_LINES = 256
 CHUNK_BYTES = 1 << 20
 
@@ -99,19 +97,6 @@ def _encode_lines(tokenizer: ChatTokenizer | None, fmt: str, chunk: _Chunk) -> _
     return out
 
 
-_WORKER_STATE: dict[str, Any] = {}
-
-
-def _init_worker(tokenizer: ChatTokenizer | None, fmt: str) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker
-    _WORKER_STATE.update(tokenizer=tokenizer, fmt=fmt)
-
-
-def _encode_in_worker(chunk: _Chunk) -> _Encoded:
-    return _encode_lines(_WORKER_STATE["tokenizer"], _WORKER_STATE["fmt"], chunk)
-
-
 def _read_chunks(paths: Sequence[str]) -> Iterator[_Chunk]:
     for file_index, path in enumerate(paths):
         with open(path, "rb") as f:
@@ -130,51 +115,43 @@ def _read_chunks(paths: Sequence[str]) -> Iterator[_Chunk]:
                 yield chunk
 
 
+def _where(path: str, chunk: _Chunk) -> str:
+    if not chunk.line_nos:
+        return f"{path} (blank lines)"
+    return f"{path} lines {chunk.line_nos[0]}-{chunk.line_nos[-1]}"
+
+
 @contextlib.contextmanager
 def _worker_pool(tokenizer: ChatTokenizer | None, fmt: str, workers: int) -> Iterator[Any]:
-    """``workers`` processes holding the tokenizer (``None`` for ``workers == 1``).
-
-    Started before the progress bar's monitor thread or any writer exists: ``fork`` copies
-    the loaded tokenizer instead of unpickling/reloading it, and forking a process that
-    already runs threads is what may deadlock.
-    """
+    """``workers`` processes holding the tokenizer (``None`` for ``workers == 1``), started
+    before any writer exists (see workers.py: a killed worker fails the run at once)."""
     if workers == 1:
         yield None
         return
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with warnings.catch_warnings():
-        # importing torch starts one idle native thread, so Python warns about any fork; the
-        # workers run the tokenizer and this module only, never torch
-        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
-        pool = mp.get_context(method).Pool(workers, _init_worker, (tokenizer, fmt))
-    try:
+    from .workers import WorkerPool
+
+    with WorkerPool(_encode_lines, (tokenizer, fmt), workers=workers) as pool:
         yield pool
-        pool.close()
-        pool.join()
-    finally:
-        pool.terminate()
 
 
-def _encoded_chunks(
-    chunks: Iterator[_Chunk], pool: Any, tokenizer: ChatTokenizer | None, fmt: str, workers: int
-) -> Iterator[tuple[_Chunk, _Encoded]]:
+def _encoded_chunks(chunks: Iterator[_Chunk], pool: Any, tokenizer: ChatTokenizer | None,
+                    fmt: str, paths: Sequence[str]) -> Iterator[tuple[_Chunk, _Encoded]]:
     """``(chunk, result)`` in input order; with a pool, at most 4 chunks per worker in flight."""
     if pool is None:
         for chunk in chunks:
             yield chunk, _encode_lines(tokenizer, fmt, chunk)
         return
-    in_flight = 4 * workers
+    in_flight = 4 * len(pool)
     pending: deque = deque()
     for chunk in chunks:
         lines, chunk.lines = chunk.lines, []  # do not keep raw lines in the parent
-        pending.append((chunk, pool.apply_async(
-            _encode_in_worker, (_Chunk(chunk.file_index, chunk.line_nos, lines, 0),))))
+        pool.submit(_Chunk(chunk.file_index, chunk.line_nos, lines, 0),
+                    where=_where(paths[chunk.file_index], chunk))
+        pending.append(chunk)
         if len(pending) >= in_flight:
-            done, result = pending.popleft()
-            yield done, result.get()
+            yield pending.popleft(), pool.next_result()
     while pending:
-        done, result = pending.popleft()
-        yield done, result.get()
+        yield pending.popleft(), pool.next_result()
 
 
 def _count_lines(path: str) -> int:
@@ -187,14 +164,6 @@ def _count_lines(path: str) -> int:
 
 
 # -- the pipeline --------------------------------------------------------------------------------
-
-
-def _token_dtype(tokenizer: ChatTokenizer | None) -> type[np.number]:
-    if tokenizer is None:  # pre-tokenized input, vocabulary unknown
-        return np.int32
-    from megatron.core.datasets.indexed_dataset import DType
-
-    return DType.optimal_dtype(tokenizer.vocab_size)  # uint16 below 65500 ids, else int32
 
 
 def _validate(inputs: Sequence[str], *, seq_length: int, fmt: str, workers: int,
@@ -268,36 +237,33 @@ def preprocess(
 
     Raises :class:`PreprocessError` for a bad line (``file:line: reason``) or a set-up problem
     met while reading, :class:`ConfigError` for an unusable tokenizer, ``ValueError`` /
-    ``FileNotFoundError`` for bad arguments. Nothing is left at ``output_prefix`` on failure.
+    ``FileNotFoundError`` for bad arguments, ``paths.UnsafePathError`` (a ``ValueError``) for an
+    output prefix that overlaps an input or that a live run is writing, and
+    ``workers.WorkerDied`` when a worker process dies (naming the chunk it held). Nothing is
+    left at ``output_prefix`` on failure. ``progress``: see :mod:`eaft_megatron.progress`.
     """
     started = time.perf_counter()
     if isinstance(inputs, (str, bytes, os.PathLike)):
         raise ValueError(f"inputs must be a list of JSONL paths, got the single path {inputs!r}")
     inputs = [os.fspath(p) for p in inputs]
+    output_prefix = os.fspath(output_prefix)
     _validate(inputs, seq_length=seq_length, fmt=fmt, workers=workers, overlong=overlong)
+    check_outputs(output_prefix, inputs)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     if tok is None and fmt not in ("auto", "tokenized"):
         raise ConfigError(f"--format {fmt} needs --tokenizer (only 'tokenized' input does not)")
-    with warnings.catch_warnings():  # megatron.core's import warns about TE/apex: irrelevant here
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import DType  # noqa: F401
-    from tqdm import tqdm
-
-    from .writer import DatasetWriter
-
-    token_dtype = _token_dtype(tok)
+    dtype = token_dtype(None if tok is None else tok.vocab_size)
     formats: Counter = Counter()
     skipped_reasons: Counter = Counter()
     skipped_examples: list[str] = []
     # pipes (--input /dev/stdin) can be read once only: no total for the progress bar then
     total_lines = sum(map(_count_lines, inputs)) if all(map(os.path.isfile, inputs)) else None
     with _worker_pool(tok, fmt, workers) as pool, \
-            DatasetWriter(os.fspath(output_prefix), token_dtype=token_dtype) as writer, \
-            tqdm(total=total_lines, unit=" lines", disable=not progress or None,
-                 mininterval=0.5, smoothing=0.1) as bar:
+            DatasetWriter(output_prefix, token_dtype=dtype, inputs=inputs) as writer, \
+            Progress(total=total_lines, desc="preprocess", unit="lines", enabled=progress) as bar:
         sink = _Sink(writer, seq_length=seq_length, pack=pack, overlong=overlong)
         counts = sink.counts
-        for chunk, enc in _encoded_chunks(_read_chunks(inputs), pool, tok, fmt, workers):
+        for chunk, enc in _encoded_chunks(_read_chunks(inputs), pool, tok, fmt, inputs):
             path = inputs[chunk.file_index]
             bad = enc.errors[0] if enc.errors and not skip_invalid else None
             if enc.fatal and (bad is None or enc.fatal[0] < bad[0]):
@@ -315,8 +281,7 @@ def preprocess(
             formats.update(enc.formats)
             for ids, mask in zip(enc.ids, enc.masks):
                 sink.add(ids, mask)
-            bar.update(chunk.physical_lines)
-            bar.set_postfix(docs=counts["documents"], skipped=counts["skipped"], refresh=False)
+            bar.update(chunk.physical_lines, docs=counts["documents"], skipped=counts["skipped"])
         sink.close()
         if counts["documents"] == 0:
             raise PreprocessError(
@@ -336,7 +301,7 @@ def preprocess(
             "overlong": overlong,
             "pack_fill": round(counts["tokens"] / (counts["sequences"] * seq_length), 4),
             "max_document_tokens": int(sink.max_document),
-            "token_dtype": np.dtype(token_dtype).name,
+            "token_dtype": np.dtype(dtype).name,
             "tokenizer": None if tok is None else {
                 "path": os.path.abspath(tok.path), "kind": tok.kind,
                 "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "pad_id": tok.pad_id},
@@ -345,72 +310,3 @@ def preprocess(
             "elapsed_s": round(time.perf_counter() - started, 3),
         }
         return writer.commit(summary)
-
-
-# -- command line --------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                        help="JSONL files, read in the order given")
-    parser.add_argument("--tokenizer", metavar="PATH",
-                        help="Hugging Face tokenizer directory (its chat template is used) or "
-                        "SentencePiece .model file; not needed for --format tokenized")
-    parser.add_argument("--output-prefix", required=True, metavar="OUT",
-                        help="writes OUT_tokens.bin/.idx, OUT_loss_mask.bin/.idx, "
-                        "OUT_summary.json")
-    parser.add_argument("--seq-length", type=int, required=True, metavar="N",
-                        help="training sequence length: longest conversation, pack size")
-    parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
-                        help="input format (default: detected per line)")
-    parser.add_argument("--pack", action="store_true",
-                        help="pack several conversations per sequence (never split one)")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="tokenizer processes (default: 1)")
-    parser.add_argument("--skip-invalid", action="store_true",
-                        help="skip and count bad lines instead of stopping at the first")
-    parser.add_argument("--overlong", default="truncate", choices=OVERLONG,
-                        help="conversations longer than --seq-length: cut or drop "
-                        "(default: truncate)")
-
-
-def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: temporary files are removed
-
-
-def run(args: argparse.Namespace) -> int:
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
-    try:
-        summary = preprocess(
-            args.input, output_prefix=args.output_prefix, seq_length=args.seq_length,
-            tokenizer=args.tokenizer, fmt=args.format, pack=args.pack, workers=args.workers,
-            skip_invalid=args.skip_invalid, overlong=args.overlong,
-        )
-    except (PreprocessError, ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"eaft-megatron preprocess: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("eaft-megatron preprocess: interrupted, nothing written", file=sys.stderr)
-        return 130
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    s = summary
-    print(f"{args.output_prefix}: {s['documents']} conversations in {s['sequences']} sequences "
-          f"of <= {s['seq_length']} tokens ({s['pack_fill']:.1%} filled), {s['tokens']} tokens, "
-          f"{s['supervised_tokens']} supervised; truncated {s['truncated']}, dropped "
-          f"{s['dropped_overlong']}, skipped {s['skipped']}; {s['elapsed_s']:.1f}s")
-    print(f"summary: {args.output_prefix}_summary.json")
-    return 0
-
-
-def register_command(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``preprocess`` to the ``eaft-megatron`` command (heavy imports happen in ``run``)."""
-    parser = subparsers.add_parser(
-        "preprocess", help="tokenize chat JSONL into a Megatron indexed dataset",
-        description="Tokenize chat JSONL (messages / ShareGPT / Alpaca / text / tokenized) into "
-        "Megatron-Core indexed datasets of tokens and assistant-only loss masks.",
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=run)

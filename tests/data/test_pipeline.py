@@ -204,13 +204,13 @@ def test_cli_reports_error_and_forced_format(tmp_path, tokenizer_dirs, capsys):
     path = write_jsonl(tmp_path / "in.jsonl", [GOOD, GOOD])
     args = ["preprocess", "--input", str(path), "--tokenizer", str(tokenizer_dirs["chatml"]),
             "--output-prefix", str(tmp_path / "o"), "--seq-length", "64", "--format", "alpaca"]
-    assert main(args) == 1
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert f"{path}:1: alpaca record has no 'instruction'" in err and "--skip-invalid" in err
-    assert main(args[:-2] + ["--workers", "0"]) == 1
+    assert main(args[:-2] + ["--workers", "0"]) == 2
     assert "workers must be an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["preprocess", "--input", str(path), "--output-prefix", str(tmp_path / "o"),
-                 "--seq-length", "64", "--format", "messages"]) == 1
+                 "--seq-length", "64", "--format", "messages"]) == 2
     assert "--format messages needs --tokenizer" in capsys.readouterr().err
 
 
@@ -331,4 +331,5 @@ def test_cli_interrupt_message(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(pipeline_module, "preprocess", interrupted)
     assert main(["preprocess", "--input", "x", "--output-prefix", "o", "--seq-length", "8"]) == 130
-    assert "interrupted, nothing written" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "interrupted (SIGINT): temporary files removed, nothing written" in err
