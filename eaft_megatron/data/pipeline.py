@@ -171,8 +171,10 @@ def _validate(inputs: Sequence[str], *, seq_length: int, fmt: str, workers: int,
     if not inputs:
         raise ValueError("inputs must be a non-empty list of JSONL paths, got none")
     for path in inputs:
-        if not os.path.exists(path) or os.path.isdir(path):
-            raise FileNotFoundError(f"--input {path!r}: no such file")
+        if os.path.isdir(path):
+            raise FileNotFoundError(f"--input {path}: is a directory, not a JSONL file")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--input {path}: no such file")
     if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 2:
         raise ValueError(f"seq_length must be an integer >= 2, got {seq_length!r}")
     if fmt != "auto" and fmt not in FORMATS:
