@@ -61,8 +61,8 @@ def last_good_checkpoint(args: Any) -> str:
 
 def _advice(args: Any) -> str:
     return (f"Last good checkpoint: {last_good_checkpoint(args)}. Nothing was saved after it. "
-            "Lower --lr (or raise --lr-warmup-*), check the data, then rerun: the run resumes "
-            "from that checkpoint.")
+            "Lower --lr (or raise --lr-warmup-*), check the data, then rerun the same "
+            "command: it continues from there.")
 
 
 def check_loss(loss_sum: torch.Tensor, *, where: str, loss_type: str) -> None:
@@ -77,7 +77,8 @@ def check_loss(loss_sum: torch.Tensor, *, where: str, loss_type: str) -> None:
     raise NonFiniteError(
         f"non-finite {loss_type} loss ({loss_sum.item()}) in {where} at iteration {iteration}; "
         f"stopping. {_advice(args)}",
-        report=parallel_state.get_tensor_model_parallel_rank() == 0)
+        report=not parallel_state.model_parallel_is_initialized()
+        or parallel_state.get_tensor_model_parallel_rank() == 0)
 
 
 def _finite_loss_values(loss_dict: dict) -> tuple[bool, float]:

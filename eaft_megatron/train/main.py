@@ -219,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(e))
     if not args.calculate_per_token_loss:
         return _error("eaft_megatron.train needs --calculate-per-token-loss")
+    start = info.start
+    if start.resumed and args.train_iters and start.iteration >= args.train_iters:
+        if args.rank == 0:
+            print(f"> eaft_megatron.train: {start.note}: iteration {start.iteration} >= "
+                  f"--train-iters {args.train_iters}, the run is complete; nothing to do",
+                  flush=True)
+        return 0
     args.padded_vocab_size = _padded_vocab(args, info.hf_config)
     if cpu:
         _setup_cpu(args)
@@ -229,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     log = MetricsLog(log_dir, enabled=args.rank == args.world_size - 1, loss_type=args.loss_type)
     install_metrics_hooks(log)
     install_guard()
-    start = info.start
     log.on_start(resumed=start.iteration > 0, iteration=start.iteration,
                  checkpoint=start.load, finetune=start.finetune)
     if args.rank == 0:

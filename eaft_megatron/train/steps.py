@@ -111,9 +111,10 @@ def forward_step(data_iterator: Any, model: Any, return_schedule_plan: bool = Fa
 def datasets_provider(train_valid_test_num_samples: list[int], vp_stage: int | None = None):
     """(train, validation, None) ``SFTIndexedDataset``s over ``--data-path``.
 
-    Train: shuffled per epoch with ``--seed``, ``num_samples`` = Megatron's train samples (more
-    than one epoch when needed); Megatron's sampler resumes it at ``consumed_train_samples``.
-    Validation: ``--valid-data-path`` (default: the training data) in stored order, cycled.
+    Train (``--data-path`` or ``--train-data-path``): shuffled per epoch with ``--seed``,
+    ``num_samples`` = Megatron's train samples (more than one epoch when needed); Megatron's
+    sampler resumes it at ``consumed_train_samples``. Validation: ``--valid-data-path``
+    (default: the training data) in stored order, cycled.
     """
     from megatron.training import get_args, print_rank_0
 
@@ -123,7 +124,7 @@ def datasets_provider(train_valid_test_num_samples: list[int], vp_stage: int | N
     train_n, valid_n, _ = train_valid_test_num_samples
     mask = not _uses_te(args)
     kwargs = dict(seq_length=args.seq_length, attention_mask=mask)
-    paths = args.data_path or []
+    paths = args.train_data_path or args.data_path or []
     if len(paths) != 1:
         raise ValueError(f"--data-path must be one prepared prefix (eaft-megatron preprocess "
                          f"--output-prefix), got {paths}")

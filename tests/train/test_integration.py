@@ -169,8 +169,9 @@ def test_nonfinite_loss_stops_naming_the_iteration(monkeypatch):
     assert ok[0].item() == 6.0
     with pytest.raises(FloatingPointError, match="iteration 7"):
         loss_func(mask, EAFTLossConfig(), "train", torch.tensor([[1.0, float("nan"), 3.0]]))
-    args.check_for_nan_in_loss_and_grad = False  # Megatron's skip-the-iteration mode
-    loss_func(mask, EAFTLossConfig(), "train", torch.tensor([[1.0, float("inf"), 3.0]]))
+    args.check_for_nan_in_loss_and_grad = False  # the guard does not depend on Megatron's check
+    with pytest.raises(FloatingPointError, match=r"non-finite eaft loss \(inf\)"):
+        loss_func(mask, EAFTLossConfig(), "train", torch.tensor([[1.0, float("inf"), 3.0]]))
 
 
 def test_complete_argv(tmp_path):
@@ -179,6 +180,9 @@ def test_complete_argv(tmp_path):
 
     hf_config().save_pretrained(tmp_path / "ckpt" / "hf")
     (tmp_path / "ckpt" / "eaft_megatron.json").write_text("{}")
+    (tmp_path / "ckpt" / "iter_0000000").mkdir()
+    (tmp_path / "ckpt" / "iter_0000000" / ".metadata").write_bytes(b"")
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("0")
     argv, info = complete_argv(["--load", str(tmp_path / "ckpt"), "--eval-only"], cpu=True,
                                te_available=False)
     assert flag_value(argv, "--num-layers") == "2" and flag_value(argv, "--kv-channels") == "16"
@@ -198,5 +202,7 @@ def test_complete_argv(tmp_path):
     with pytest.raises(TrainArgError, match="--hidden-size 128 disagrees"):
         complete_argv(["--hf-config", str(tmp_path / "ckpt" / "hf"), "--hidden-size", "128"],
                       cpu=True, te_available=False)
-    with pytest.raises(TrainArgError, match="--hf-config"):
+    with pytest.raises(TrainArgError, match=f"--load {tmp_path}: no checkpoint there"):
         complete_argv(["--load", str(tmp_path)], cpu=True, te_available=False)
+    with pytest.raises(TrainArgError, match="--hf-config"):
+        complete_argv(["--train-iters", "1"], cpu=True, te_available=False)
