@@ -10,7 +10,9 @@ Steps (each says what it does and where its output is):
  2. ``convert hf-to-megatron`` at ``--tp`` (default 2);
  3. ``preprocess`` of the bundled chat dataset (or ``--data``): assistant-only loss masks;
  4. the trainer, ``torchrun -m eaft_megatron.train`` with EAFT on ``--tp x --pp`` ranks (gloo
-    and fp32 on CPU; NCCL and bf16 on GPU), evaluating before and after;
+    and fp32 on CPU; NCCL and bf16 on GPU), validating on held-out conversations (no prompt of
+    them is in the training data), narrated from ``metrics.jsonl``; ``run/curves.png`` and
+    ``run/tensorboard`` show the curves;
  5. ``convert megatron-to-hf`` of the trained checkpoint;
  6. ``transformers`` loads the result and generates, and its logits are compared with the
     Megatron model's on the same tokens.
@@ -61,21 +63,49 @@ def _free_port() -> int:
 
 
 def _split_data(src: Path, out: Path, *, limit: int | None, seed: int = 0) -> tuple[Path, Path]:
-    """train.jsonl / valid.jsonl (90 / 10) from one JSONL file (valid: for the final check)."""
-    lines = [line for line in src.read_text().splitlines() if line.strip()]
-    random.Random(seed).shuffle(lines)
-    if limit:
-        lines = lines[:limit]
-    n_valid = max(1, len(lines) // 10)
+    """train.jsonl / valid.jsonl (90 / 10) from one JSONL file. Conversations are grouped by
+    their prompt (the non-assistant messages) before the split, so a validation prompt never
+    occurs in the training data, also when the source repeats conversations."""
+    groups: dict[str, list[str]] = {}
+    for line in src.read_text().splitlines():
+        if line.strip():
+            messages = json.loads(line).get("messages", [])
+            key = json.dumps([m for m in messages if m.get("role") != "assistant"])
+            groups.setdefault(key, []).append(line)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    if limit:  # about `limit` conversations
+        kept, count = [], 0
+        for key in keys:
+            if count >= limit:
+                break
+            kept.append(key)
+            count += len(groups[key])
+        keys = kept
+    n_valid = max(1, len(keys) // 10)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "valid.jsonl").write_text("\n".join(lines[:n_valid]) + "\n")
-    (out / "train.jsonl").write_text("\n".join(lines[n_valid:]) + "\n")
+    for name, part in (("valid", keys[:n_valid]), ("train", keys[n_valid:])):
+        lines = [line for key in part for line in groups[key]]
+        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     return out / "train.jsonl", out / "valid.jsonl"
 
 
-def _train(args, sizes: Sizes, ckpt: Path, data: Path, run: Path) -> list[dict]:
-    """Megatron-LM's --valid-data-path cannot be combined with --data-path in 0.19, so the
-    evaluation runs on (the stored order of) the training data."""
+def _sample_count(summary: dict) -> int:
+    """Training samples in a prepared dataset (packs, or one per conversation)."""
+    return int(summary.get("sequences") or summary["documents"])
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _train(args, sizes: Sizes, ckpt: Path, data: Path, valid: Path, valid_samples: int,
+           run: Path) -> list[dict]:
+    """torchrun the trainer with Megatron-LM's restart idiom (``--load RUN --save RUN
+    --pretrained-checkpoint CKPT``), evaluating on the held-out conversations; narrate from
+    ``metrics.jsonl`` while it runs."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -87,67 +117,120 @@ def _train(args, sizes: Sizes, ckpt: Path, data: Path, run: Path) -> list[dict]:
         raise SystemExit(f"eaft-megatron demo: --nproc {nproc} is not a multiple of "
                          f"--tp x --pp = {args.tp * args.pp}")
     micro = max(1, sizes.global_batch // max(1, nproc // (args.tp * args.pp)) // 4)
+    iters = args.iters or sizes.iters
+    eval_iters = max(1, valid_samples // sizes.global_batch)  # the held-out set, once
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
         "-m", "eaft_megatron.train",
-        "--load", str(ckpt), "--save", str(run), "--data-path", str(data),
+        "--load", str(run), "--save", str(run), "--pretrained-checkpoint", str(ckpt),
+        "--train-data-path", str(data), "--valid-data-path", str(valid),
         "--tensor-model-parallel-size", str(args.tp),
         "--pipeline-model-parallel-size", str(args.pp),
         "--micro-batch-size", str(micro), "--global-batch-size", str(sizes.global_batch),
-        "--train-iters", str(args.iters or sizes.iters), "--lr", str(args.lr),
+        "--train-iters", str(iters), "--lr", str(args.lr),
         "--min-lr", str(args.lr / 10), "--lr-decay-style", "cosine",
-        "--lr-warmup-iters", str(max(1, (args.iters or sizes.iters) // 10)),
+        "--lr-warmup-iters", str(max(1, iters // 10)),
         "--weight-decay", "0.0", "--clip-grad", "1.0",
-        "--eval-interval", str(args.iters or sizes.iters), "--eval-iters", "2",
-        "--log-interval", str(max(1, (args.iters or sizes.iters) // 10)),
-        "--save-interval", str(args.iters or sizes.iters), "--ckpt-format", "torch_dist",
+        "--eval-interval", str(max(1, iters // 3)), "--eval-iters", str(eval_iters),
+        "--log-interval", str(max(1, iters // 10)),
+        "--save-interval", str(iters), "--ckpt-format", "torch_dist",
         "--loss-type", args.loss_type, "--num-workers", "0",
     ]
+    if _have("tensorboard"):
+        cmd += ["--tensorboard-dir", str(run / "tensorboard"), "--tensorboard-log-interval",
+                str(max(1, iters // 10))]
     if cuda:
         cmd.append("--bf16")
     print("  $ " + " ".join(cmd[:1] + ["-m", "torch.distributed.run"] + cmd[3:]), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONWARNINGS="ignore")
     log = run.parent / "train.log"
+    metrics = run / "metrics.jsonl"
+    seen = 0
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env)
-        for line in proc.stdout:
-            f.write(line)
-            if summary := _summarise_log_line(line):
-                print("  " + summary, flush=True)
-        proc.wait()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        while True:
+            done = proc.poll() is not None
+            records = _read_records(metrics)
+            for record in records[seen:]:
+                if line := _describe(record, iters):
+                    print("  " + line, flush=True)
+            seen = len(records)
+            if done:
+                break
+            time.sleep(0.5)
     if proc.returncode != 0:
-        errors = [x for x in log.read_text().splitlines() if "Error" in x][-5:]
+        lines = log.read_text().splitlines()
+        errors = [x for x in lines if "error" in x.lower() and "_error" not in x][-5:]
         raise RuntimeError(f"training failed (exit {proc.returncode}), see {log}:\n"
                            + "\n".join(errors))
-    metrics = run / "metrics.jsonl"
-    return [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    return _read_records(metrics)
 
 
-_LOG_FIELDS = ("lm loss", "sft loss", "dft loss", "eaft loss", "gate weight", "entropy",
-               "confident conflicts", "elapsed time per iteration (ms)")
+def _read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            break
+    return records
 
 
-def _summarise_log_line(line: str) -> str | None:
-    """A short form of Megatron's training / validation log lines (or None to skip a line)."""
-    import re
-
-    if "Error" in line:
-        return line.rstrip()
-    if (m := re.search(r"iteration\s+(\d+)/\s*(\d+) \|", line)) and "consumed samples" in line:
-        head = f"iteration {m.group(1)}/{m.group(2)}"
-    elif m := re.search(r"validation loss at iteration (\d+)( on validation set)?", line):
-        head = f"{'final ' if m.group(2) else ''}evaluation @ {m.group(1)}"
+def _describe(record: dict, iters: int) -> str | None:
+    """One narration line per metrics.jsonl record (see ``eaft_megatron.train.metrics``)."""
+    kind = record.get("kind")
+    if kind == "start":
+        return f"start: {record.get('checkpoint') or 'random weights'} at iteration 0"
+    if kind == "restart":
+        return f"restart: resuming {record.get('checkpoint')} at iteration {record['iteration']}"
+    if kind == "train":
+        head = f"iteration {record['iteration']}/{iters}"
+    elif kind in ("valid", "test"):
+        head = (f"{'final ' if record.get('final') else ''}validation @ {record['iteration']} "
+                "(held-out)")
     else:
         return None
     parts = [head]
-    for field in _LOG_FIELDS:
-        if v := re.search(re.escape(field) + r"(?: value)?:\s*([-+0-9.Ee]+)", line):
-            name = "ms/iter" if field.startswith("elapsed") else field
-            parts.append(f"{name} {float(v.group(1)):.4g}")
+    for key, label in (("lm_loss", "lm loss"), ("loss", f"{record.get('loss_type')} loss"),
+                       ("gate_weight", "gate weight"), ("entropy", "entropy"),
+                       ("confident_conflicts", "confident conflicts")):
+        if isinstance(record.get(key), (int, float)):
+            parts.append(f"{label} {record[key]:.4g}")
     return " | ".join(parts)
+
+
+def _plot_curves(records: list[dict], out: Path, title: str) -> Path | None:
+    """``curves.png``: training and validation lm loss, the optimised loss, gate weight."""
+    if not _have("matplotlib"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train" and r.get("lm_loss") is not None]
+    valid = [r for r in records if r.get("kind") == "valid" and not r.get("final")]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    ax.plot([r["iteration"] for r in train], [r["lm_loss"] for r in train], label="train lm loss")
+    ax.plot([r["iteration"] for r in train], [r["loss"] for r in train],
+            label=f"train {train[0]['loss_type'] if train else ''} loss (optimised)")
+    if valid:
+        ax.plot([r["iteration"] for r in valid], [r["lm_loss"] for r in valid], "o-",
+                label="validation lm loss (held-out)")
+    ax.set_xlabel("iteration"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
+    gates = [r for r in train if r.get("gate_weight") is not None]
+    bx.plot([r["iteration"] for r in gates], [r["gate_weight"] for r in gates],
+            label="mean gate weight")
+    bx.set_xlabel("iteration"), bx.set_ylim(0, 1.05), bx.legend(), bx.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def _check_hf(hf_dir: Path, ckpt: Path, data_file: Path) -> dict:
@@ -206,7 +289,7 @@ def _quiet_known_notices() -> None:
 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|torch\.distributed)\.")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("torch.utils.cpp_extension", "megatron.core"):
+    for name in ("torch.utils.cpp_extension", "megatron.core", "matplotlib"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -244,28 +327,39 @@ def run_demo(args: argparse.Namespace) -> dict:
                    f"--seq-length {sizes.seq_length}) -> {work / 'data'}")
     train_jsonl, valid_jsonl = _split_data(data_src, work / "data" / "jsonl",
                                            limit=sizes.conversations)
-    summaries = {"train": preprocess([train_jsonl], output_prefix=work / "data" / "train",
-                                     seq_length=sizes.seq_length, tokenizer=hf_dir,
-                                     workers=1 if args.quick else 2, progress=not args.quick)}
-    s = summaries["train"]
-    print("  " + ", ".join(f"{k.replace('_', ' ')} {s[k]}" for k in (
-        "documents", "tokens", "supervised_tokens", "truncated", "skipped") if k in s))
+    summaries = {name: preprocess([jsonl], output_prefix=work / "data" / name,
+                                  seq_length=sizes.seq_length, tokenizer=hf_dir,
+                                  workers=1 if args.quick or name == "valid" else 2,
+                                  progress=not args.quick)
+                 for name, jsonl in (("train", train_jsonl), ("valid", valid_jsonl))}
+    for name, s in summaries.items():
+        print(f"  {name}: " + ", ".join(f"{k.replace('_', ' ')} {s[k]}" for k in (
+            "documents", "tokens", "supervised_tokens", "truncated", "skipped") if k in s))
 
     _say(4, total, f"Training with {args.loss_type.upper()} through Megatron's own loop "
-                   f"(torchrun, TP={args.tp} x PP={args.pp}) -> {work / 'run'}")
-    records = _train(args, sizes, ckpt, work / "data" / "train", work / "run")
+                   f"(torchrun, TP={args.tp} x PP={args.pp}), validating on the held-out "
+                   f"conversations -> {work / 'run'}")
+    run = work / "run"
+    records = _train(args, sizes, ckpt, work / "data" / "train", work / "data" / "valid",
+                     _sample_count(summaries["valid"]), run)
     train_recs = [r for r in records if r.get("kind") == "train"]
     if train_recs:
         a, b = train_recs[0], train_recs[-1]
         print(f"  loss {a.get('loss'):.4f} (iteration {a.get('iteration')}) -> "
               f"{b.get('loss'):.4f} (iteration {b.get('iteration')}); "
               f"mean gate weight {b.get('gate_weight', float('nan')):.3f}")
+    curves = _plot_curves(records, run / "curves.png",
+                          f"{hf_dir.name}: {args.loss_type} on {data_src.name}")
+    print(f"  metrics: {run / 'metrics.jsonl'}"
+          + (f"; loss curves: {curves}" if curves else " (install matplotlib for curves.png)")
+          + (f"; TensorBoard: tensorboard --logdir {run / 'tensorboard'}"
+             if (run / "tensorboard").is_dir() else ""))
 
     _say(5, total, f"Converting the trained checkpoint back to Hugging Face -> {work / 'hf_sft'}")
-    hf_out = megatron_to_hf(work / "run", work / "hf_sft", progress=True)
+    hf_out = megatron_to_hf(run, work / "hf_sft", progress=True)
 
     _say(6, total, "Loading it with transformers, generating, comparing logits with Megatron")
-    check = _check_hf(hf_out, work / "run", valid_jsonl)
+    check = _check_hf(hf_out, run, valid_jsonl)
     print(f"  prompt: {check['prompt']!r}\n  reply:  {check['reply']!r}\n"
           f"  max |logits(transformers) - logits(Megatron)| = {check['max_logit_diff']:.2e}")
     elapsed = time.perf_counter() - started

@@ -37,6 +37,25 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert len(train) >= 2 and train[-1]["loss"] < train[0]["loss"]
     assert all(0 <= r["gate_weight"] <= 1 for r in train)
     assert (work / "run" / "latest_checkpointed_iteration.txt").read_text() == "8"
+    assert records[0]["kind"] == "start" and records[0]["checkpoint"] == str(work / "mcore")
+    # validation on held-out conversations: its own prepared prefix, no prompt shared with
+    # the training data, periodic and final evaluations told apart, narrated from metrics.jsonl
+    assert "--valid-data-path " + str(work / "data" / "valid") in proc.stdout
+
+    def prompts(name):
+        lines = (work / "data" / "jsonl" / f"{name}.jsonl").read_text().splitlines()
+        return [json.dumps([m for m in json.loads(x)["messages"] if m["role"] != "assistant"])
+                for x in lines if x.strip()]
+
+    valid_prompts, train_prompts = prompts("valid"), prompts("train")
+    assert valid_prompts and not set(valid_prompts) & set(train_prompts)
+    valid_summary = json.loads((work / "data" / "valid_summary.json").read_text())
+    assert valid_summary["documents"] == len(valid_prompts)
+    valid = [r for r in records if r["kind"] == "valid"]
+    assert [r["final"] for r in valid][-1] is True and not any(r["final"] for r in valid[:-1])
+    assert f"final validation @ 8 (held-out) | lm loss {valid[-1]['lm_loss']:.4g}" in proc.stdout
+    assert (work / "run" / "curves.png").stat().st_size > 10_000
+    assert any((work / "run" / "tensorboard").iterdir())
     # 5-6: HF export loads in transformers and matches the Megatron model
     result = json.loads((work / "demo_result.json").read_text())
     assert result["check"]["max_logit_diff"] < 1e-4
