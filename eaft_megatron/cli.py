@@ -38,19 +38,29 @@ def _info(_args) -> int:
 
 
 def _convert(args) -> int:
+    """Exit codes: 0 done; 2 a mistake (one line ``eaft-megatron convert: error: ...``); 128 +
+    signal when interrupted by SIGINT / SIGTERM (the temporary output is removed)."""
     from .convert import ConversionError, hf_to_megatron, megatron_to_hf
+    from .convert.convert import quiet_cpu_notices
+    from .paths import Interrupted, UnsafePathError, interruptible
 
+    quiet_cpu_notices()
     try:
-        if args.direction == "hf-to-megatron":
-            out = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                                 force=args.force)
-        else:
-            out = megatron_to_hf(args.megatron, args.out, dtype=args.dtype,
-                                 hf_config=args.hf_config, iteration=args.iteration,
-                                 force=args.force)
-    except ConversionError as e:
-        print(f"eaft-megatron convert: error: {e}", file=sys.stderr)
+        with interruptible():
+            if args.direction == "hf-to-megatron":
+                out = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                                     force=args.force)
+            else:
+                out = megatron_to_hf(args.megatron, args.out, dtype=args.dtype,
+                                     hf_config=args.hf_config, iteration=args.iteration,
+                                     force=args.force, allow_non_finite=args.allow_non_finite)
+    except (ConversionError, UnsafePathError) as e:
+        print(f"eaft-megatron convert: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        why = e.name if isinstance(e, Interrupted) else "SIGINT"
+        print(f"eaft-megatron convert: interrupted ({why}): nothing written", file=sys.stderr)
+        return e.exit_code if isinstance(e, Interrupted) else 130
     print(f"wrote {out}")
     return 0
 
@@ -66,7 +76,8 @@ def _add_convert(sub) -> None:
     h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check and pad for")
     h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check for")
     h2m.add_argument("--dtype", choices=dtypes, default=None, help="default: the HF config's")
-    h2m.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    h2m.add_argument("--force", action="store_true",
+                     help="replace a non-empty --out (never one overlapping an input)")
     m2h = directions.add_parser("megatron-to-hf",
                                 help="Megatron-Core checkpoint (converted or trained) -> HF")
     m2h.add_argument("--megatron", required=True, help="checkpoint root (or iter_XXXXXXX dir)")
@@ -76,7 +87,10 @@ def _add_convert(sub) -> None:
     m2h.add_argument("--hf-config", default=None,
                      help="HF config/tokenizer directory (default: the one stored in the checkpoint)")
     m2h.add_argument("--iteration", type=int, default=None, help="default: the latest")
-    m2h.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    m2h.add_argument("--force", action="store_true",
+                     help="replace a non-empty --out (never one overlapping an input)")
+    m2h.add_argument("--allow-non-finite", action="store_true",
+                     help="convert even if some weights are NaN/Inf (refused by default)")
     convert.set_defaults(func=_convert)
 
 

@@ -2,5 +2,7 @@
 
 from .convert import hf_to_megatron, load_hf_config, megatron_to_hf
 from .io import ConversionError
+from .safe_metadata import checkpoint_tensor_shapes, validate_checkpoint_metadata
 
-__all__ = ["ConversionError", "hf_to_megatron", "load_hf_config", "megatron_to_hf"]
+__all__ = ["ConversionError", "checkpoint_tensor_shapes", "hf_to_megatron", "load_hf_config",
+           "megatron_to_hf", "validate_checkpoint_metadata"]

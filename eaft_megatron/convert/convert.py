@@ -18,26 +18,28 @@ Megatron -> HF: works on converted checkpoints and on trainer checkpoints of any
 model, the parameters are handed to the mapping one by one and freed as soon as they are
 written, into sharded safetensors + index, with the config and tokenizer files.
 
-Peak host memory is about one copy of the model (plus one output shard on export). Output is
-written to a temporary directory renamed at the very end; any error leaves nothing behind.
+Peak host memory is about one copy of the model (plus one output shard on export; vocabulary
+padding is written in place into the parameter). Outputs go through :mod:`eaft_megatron.paths`:
+an output overlapping an input is refused, everything is written into an owner-named temporary
+directory renamed at the very end, removed on any error or SIGINT/SIGTERM, and leftovers of
+killed runs are removed by the next run. Checkpoint metadata is read without unpickling
+anything but its own classes (:mod:`.safe_metadata`); a checkpoint with NaN/Inf is refused
+unless ``allow_non_finite``. Expected mistakes raise :class:`ConversionError` (or
+``paths.UnsafePathError``) with a one-line message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from .io import (
-    ConversionError,
-    SafetensorsReader,
-    ShardedSafetensorsWriter,
-    atomic_output_dir,
-    check_output_dir,
-    copy_side_files,
-)
+from ..paths import atomic_output, check_output
+from ..progress import Progress
+from .io import ConversionError, SafetensorsReader, ShardedSafetensorsWriter, copy_side_files
 from .megatron_ckpt import (
     checkpoint_tensor_shapes,
     find_iteration_dir,
@@ -50,14 +52,32 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_SUBDIR = "hf"
 METADATA_FILE = "eaft_megatron.json"
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
+_VOCAB_PARAMS = ("embedding.", "output_layer.")
 # Non-parameter buffers some older HF checkpoints carry; safe to skip.
 _IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def _progress(iterable, *, total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+@contextlib.contextmanager
+def _as_conversion_error():
+    """The model layer reports bad configs / shapes as ValueError: make them ConversionErrors."""
+    try:
+        yield
+    except ConversionError:
+        raise
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
 
-    return tqdm(iterable, total=total, desc=desc, unit="tensor", disable=not enabled)
+
+def _mapped(stream):
+    with _as_conversion_error():
+        yield from stream
+
+
+def _input_dir(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise ConversionError(f"{what} {path} {'is not a directory' if path.exists() else 'does not exist'}")
+    return path
 
 
 def load_hf_config(directory: str | os.PathLike):
@@ -98,7 +118,8 @@ def _build_model(hf_config, *, padded_vocab: int, dtype: torch.dtype):
     # the same, TransformerEngine-style, names either way).
     overrides.update(use_cpu_initialization=True, perform_initialization=False,
                      params_dtype=dtype, transformer_impl="local")
-    config = transformer_config_from_hf(hf_config, **overrides)
+    with _as_conversion_error():
+        config = transformer_config_from_hf(hf_config, **overrides)
     return build_gpt_model(hf_config, config=config, pre_process=True, post_process=True,
                            padded_vocab=padded_vocab)
 
@@ -106,6 +127,23 @@ def _build_model(hf_config, *, padded_vocab: int, dtype: torch.dtype):
 def _parameters(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict(keep_vars=True).items()
             if not k.endswith("_extra_state")}
+
+
+def _fill(name: str, param: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Copy a converted tensor into its parameter; a vocabulary tensor [V, ...] goes into the
+    first V rows of the padded parameter and the padding rows are zeroed, in place (no padded
+    copy of the tensor is ever made)."""
+    if tensor.shape == param.shape:
+        param.copy_(tensor)
+        return
+    rows = tensor.shape[0] if tensor.dim() else 0
+    if (name.startswith(_VOCAB_PARAMS) and tensor.shape[1:] == param.shape[1:]
+            and 0 < rows < param.shape[0]):
+        param[:rows].copy_(tensor)
+        param[rows:].zero_()  # zero output rows: padded tokens get a logit of exactly 0
+        return
+    raise ConversionError(f"shape mismatch for {name}: converted {tuple(tensor.shape)}, "
+                          f"Megatron model expects {tuple(param.shape)}")
 
 
 def hf_to_megatron(
@@ -121,13 +159,15 @@ def hf_to_megatron(
     """Convert a HF model directory into a Megatron-Core torch_dist checkpoint at ``out``."""
     from .. import models
 
-    hf_dir = Path(hf_dir)
-    check_output_dir(out, force=force)
+    hf_dir = _input_dir(hf_dir, "HF model directory")
+    inputs = {"--hf": hf_dir}
+    check_output(out, inputs=inputs, force=force)
     hf_config = load_hf_config(hf_dir)
-    arch = models.get_arch(hf_config)
-    models.check_parallel_sizes(hf_config, tp, pp)
+    with _as_conversion_error():
+        arch = models.get_arch(hf_config)
+        models.check_parallel_sizes(hf_config, tp, pp)
+        padded_vocab = models.padded_vocab_size(hf_config.vocab_size, tp)
     torch_dtype = _resolve_dtype(dtype, _config_dtype(hf_config))
-    padded_vocab = models.padded_vocab_size(hf_config.vocab_size, tp)
 
     reader = SafetensorsReader(hf_dir)
     expected = set(models.hf_names(arch, hf_config))
@@ -139,59 +179,75 @@ def hf_to_megatron(
         raise ConversionError(f"{len(extra)} tensor(s) in {hf_dir} are not consumed by the "
                               f"{arch.hf_architecture} mapping (wrong architecture?): {extra[:8]}")
 
-    with megatron_process_group():
+    with atomic_output(out, inputs=inputs, force=force) as tmp, megatron_process_group():
         model = _build_model(hf_config, padded_vocab=padded_vocab, dtype=torch_dtype)
         params = _parameters(model)
         filled: set[str] = set()
-        stream = models.hf_to_megatron(arch, hf_config, reader.get, padded_vocab=padded_vocab,
-                                       te=False)
-        with torch.no_grad():
-            for name, tensor in _progress(stream, total=len(params), desc="hf -> megatron",
-                                          enabled=progress):
+        # Unpadded vocabulary from the mapping: _fill pads in place.
+        stream = _mapped(models.hf_to_megatron(arch, hf_config, reader.get,
+                                               padded_vocab=hf_config.vocab_size, te=False))
+        with torch.no_grad(), Progress(total=len(params), desc="hf -> megatron", unit="tensors",
+                                       enabled=progress) as bar:
+            for name, tensor in stream:
                 if name not in params:
                     raise ConversionError(f"mapping produced {name!r}, which the Megatron model "
                                           f"does not have")
                 if name in filled:
                     raise ConversionError(f"mapping produced {name!r} twice")
-                if tuple(tensor.shape) != tuple(params[name].shape):
-                    raise ConversionError(f"shape mismatch for {name}: converted "
-                                          f"{tuple(tensor.shape)}, Megatron model expects "
-                                          f"{tuple(params[name].shape)}")
-                params[name].copy_(tensor)
+                _fill(name, params[name], tensor)
                 filled.add(name)
+                del tensor
+                bar.update(1)
         if unfilled := sorted(set(params) - filled):
             raise ConversionError(f"{len(unfilled)} Megatron parameter(s) were not filled: "
                                   f"{unfilled[:8]}")
-        with atomic_output_dir(out, force=force) as tmp:
-            # What Megatron-LM's load_checkpoint reads from a checkpoint's args: the fields
-            # check_checkpoint_args compares, and that it holds no optimizer / RNG state.
-            cfg = model.config
-            save_model_checkpoint([model], tmp, iteration=0, consume=True, args=dict(
-                num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                num_attention_heads=cfg.num_attention_heads,
-                num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels,
-                ffn_hidden_size=cfg.ffn_hidden_size, add_position_embedding=False,
-                position_embedding_type="rope",
-                max_position_embeddings=hf_config.max_position_embeddings,
-                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                padded_vocab_size=padded_vocab, no_save_optim=True, no_save_rng=True,
-            ))
-            copy_side_files(hf_dir, tmp / HF_SUBDIR)
-            meta = dict(format=1, architecture=arch.hf_architecture, source=str(hf_dir.resolve()),
-                        vocab_size=hf_config.vocab_size, padded_vocab_size=padded_vocab,
-                        dtype=str(torch_dtype).removeprefix("torch."), tp=tp, pp=pp)
-            (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        # What Megatron-LM's load_checkpoint reads from a checkpoint's args: the fields
+        # check_checkpoint_args compares, and that it holds no optimizer / RNG state.
+        cfg = model.config
+        save_model_checkpoint([model], tmp, iteration=0, consume=True, args=dict(
+            num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+            num_attention_heads=cfg.num_attention_heads,
+            num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels,
+            ffn_hidden_size=cfg.ffn_hidden_size, add_position_embedding=False,
+            position_embedding_type="rope",
+            max_position_embeddings=hf_config.max_position_embeddings,
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            padded_vocab_size=padded_vocab, no_save_optim=True, no_save_rng=True,
+        ))
+        copy_side_files(hf_dir, tmp / HF_SUBDIR)
+        meta = dict(format=1, architecture=arch.hf_architecture, source=str(hf_dir.resolve()),
+                    vocab_size=hf_config.vocab_size, padded_vocab_size=padded_vocab,
+                    dtype=str(torch_dtype).removeprefix("torch."), tp=tp, pp=pp)
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out)
 
 
 def find_hf_config_dir(megatron_dir: Path, hf_config: str | os.PathLike | None) -> Path:
     if hf_config is not None:
-        return Path(hf_config)
+        return _input_dir(hf_config, "--hf-config")
     for candidate in (megatron_dir / HF_SUBDIR, megatron_dir.parent / HF_SUBDIR):
         if (candidate / "config.json").is_file():
             return candidate
     raise ConversionError(f"no HF config stored with {megatron_dir} (expected "
                           f"{megatron_dir / HF_SUBDIR}/config.json): pass --hf-config DIR")
+
+
+def non_finite_tensors(tensors: dict[str, torch.Tensor], *, chunk: int = 1 << 24) -> list[str]:
+    """Names of the tensors holding NaN or +-Inf, each with what it holds ("nan", "inf",
+    "nan+inf"); checked in chunks so no tensor-sized mask is ever allocated."""
+    found = []
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            continue
+        flat, nan, inf = t.reshape(-1), False, False
+        for i in range(0, flat.numel(), chunk):
+            part = flat[i:i + chunk]
+            if not torch.isfinite(part).all():
+                nan = nan or bool(torch.isnan(part).any())
+                inf = inf or bool(torch.isinf(part).any())
+        if nan or inf:
+            found.append(f"{name} ({'+'.join(k for k, v in (('nan', nan), ('inf', inf)) if v)})")
+    return found
 
 
 def megatron_to_hf(
@@ -202,18 +258,23 @@ def megatron_to_hf(
     hf_config: str | os.PathLike | None = None,
     iteration: int | None = None,
     force: bool = False,
+    allow_non_finite: bool = False,
     progress: bool = True,
     max_shard_bytes: int = 1 << 30,
 ) -> Path:
-    """Convert a Megatron-Core torch_dist checkpoint (converted or trained) to a HF directory."""
+    """Convert a Megatron-Core torch_dist checkpoint (converted or trained) to a HF directory.
+    A checkpoint with NaN/Inf values is refused (naming the tensors) unless ``allow_non_finite``."""
     from .. import models
 
-    check_output_dir(out, force=force)
+    megatron_dir = _input_dir(megatron_dir, "Megatron checkpoint directory")
     iter_dir = find_iteration_dir(megatron_dir, iteration)
-    root = Path(megatron_dir) if iter_dir != Path(megatron_dir) else iter_dir.parent
+    root = megatron_dir if iter_dir != megatron_dir else iter_dir.parent
     hf_side = find_hf_config_dir(root, hf_config)
+    inputs = {"--megatron": megatron_dir, "--hf-config": hf_side}
+    check_output(out, inputs=inputs, force=force)
     config = load_hf_config(hf_side)
-    arch = models.get_arch(config)
+    with _as_conversion_error():
+        arch = models.get_arch(config)
     shapes = checkpoint_tensor_shapes(iter_dir)
     if EMBEDDING_KEY not in shapes:
         raise ConversionError(f"{iter_dir} has no {EMBEDDING_KEY}: not a GPT model checkpoint")
@@ -223,30 +284,35 @@ def megatron_to_hf(
                               f"config ({config.vocab_size} tokens x {config.hidden_size})")
     out_dtype = _resolve_dtype(dtype, ckpt_dtype)  # default: what the checkpoint holds
 
-    with megatron_process_group():
-        model = _build_model(config, padded_vocab=padded_vocab, dtype=ckpt_dtype)
-        load_model_weights([model], iter_dir)
-        tensors = {k: v.detach() for k, v in _parameters(model).items()}
-        del model
-    expected = set(models.megatron_names(arch, config, te=False))
-    unknown, absent = sorted(set(tensors) - expected), sorted(expected - set(tensors))
-    if unknown or absent:
-        raise ConversionError(f"the {arch.hf_architecture} mapping does not match the model: not consumed "
-                              f"{unknown[:8]}, missing {absent[:8]}")
+    with atomic_output(out, inputs=inputs, force=force) as tmp:
+        with megatron_process_group():
+            model = _build_model(config, padded_vocab=padded_vocab, dtype=ckpt_dtype)
+            load_model_weights([model], iter_dir)
+            tensors = {k: v.detach() for k, v in _parameters(model).items()}
+            del model
+        if not allow_non_finite and (bad := non_finite_tensors(tensors)):
+            raise ConversionError(f"{iter_dir} has non-finite values (NaN/Inf) in {len(bad)} "
+                                  f"tensor(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                                  f"nothing written (--allow-non-finite converts it anyway)")
+        expected = set(models.megatron_names(arch, config, te=False))
+        unknown, absent = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+        if unknown or absent:
+            raise ConversionError(f"the {arch.hf_architecture} mapping does not match the model: "
+                                  f"not consumed {unknown[:8]}, missing {absent[:8]}")
 
-    def take(name: str) -> torch.Tensor:  # hand each parameter over once, then forget it
-        try:
-            return tensors.pop(name)
-        except KeyError:
-            raise ConversionError(f"mapping asked for {name!r} twice or it does not exist") from None
+        def take(name: str) -> torch.Tensor:  # hand each parameter over once, then forget it
+            try:
+                return tensors.pop(name)
+            except KeyError:
+                raise ConversionError(f"mapping asked for {name!r} twice or it does not exist") from None
 
-    hf_names = models.hf_names(arch, config)
-    with atomic_output_dir(out, force=force) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
-        stream = models.megatron_to_hf(arch, config, take, te=False)
-        for name, tensor in _progress(stream, total=len(hf_names), desc="megatron -> hf",
-                                      enabled=progress):
-            writer.add(name, tensor.to(out_dtype))
+        stream = _mapped(models.megatron_to_hf(arch, config, take, te=False))
+        with Progress(total=len(models.hf_names(arch, config)), desc="megatron -> hf",
+                      unit="tensors", enabled=progress) as bar:
+            for name, tensor in stream:
+                writer.add(name, tensor.to(out_dtype))
+                bar.update(1)
         if tensors:
             raise ConversionError(f"Megatron parameters not consumed by the {arch.hf_architecture} "
                                   f"mapping: {sorted(tensors)[:8]}")
@@ -263,3 +329,27 @@ def _side_names(directory: Path) -> list[str]:
     from .io import HF_SIDE_FILES
 
     return [n for n in HF_SIDE_FILES if (directory / n).is_file()]
+
+
+def quiet_cpu_notices() -> None:
+    """Hide the notices megatron-core and torch print on every conversion that say nothing
+    about it: optional GPU packages missing (apex, transformer-engine), "No CUDA runtime is
+    found", and deprecations inside megatron-core / torch.distributed.checkpoint. Errors and
+    other warnings still show. For the command line (it changes process-wide filters)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            module=r"torch\.distributed\.checkpoint\.")
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=".*deprecating ShardedTensor")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+    def drop_known(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("IS DEPRECATED" in text or "async save is deprecated" in text)
+
+    for name in ("megatron.core.models.gpt.gpt_model",
+                 "megatron.core.dist_checkpointing.strategies.torch"):
+        logging.getLogger(name).addFilter(drop_known)

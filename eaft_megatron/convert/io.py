@@ -1,18 +1,17 @@
-"""File-level helpers for conversion: atomic output directories, streaming safetensors.
+"""File-level helpers for conversion: streaming safetensors, the HF side files.
 
-Nothing here knows about architectures or Megatron; ``hf.py``/``megatron.py`` combine these
-with the tables in :mod:`eaft_megatron.models`.
+Nothing here knows about architectures or Megatron; ``convert.py`` combines these with the
+tables in :mod:`eaft_megatron.models`. Output directories (overlap checks, atomic temporaries,
+cleanup) are :mod:`eaft_megatron.paths`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
@@ -35,42 +34,6 @@ HF_SIDE_FILES = (
 
 class ConversionError(ValueError):
     """A checkpoint or model directory that cannot be converted (message says why)."""
-
-
-def check_output_dir(out: str | os.PathLike, *, force: bool = False) -> Path:
-    """Fail early (before any work) if ``out`` may not be written."""
-    out = Path(out).resolve()
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ConversionError(f"output directory {out} exists and is not empty (use --force)")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that becomes ``out`` only if the block succeeds.
-
-    An existing non-empty ``out`` is an error unless ``force`` (then it is replaced at the very
-    end, never before the new content is complete). On failure the temporary directory is
-    removed, so a crash or an error leaves no half-written output under ``out``.
-    """
-    out = check_output_dir(out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def copy_side_files(src: Path, dst: Path, names: Iterable[str] = HF_SIDE_FILES) -> list[str]:
@@ -105,10 +68,42 @@ def _read_header(path: Path) -> tuple[dict, int]:
             if n > 100 << 20 or n > path.stat().st_size - 8:
                 raise ValueError(f"header length {n} does not fit the file")
             header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
     except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise ConversionError(f"cannot read {path}: not a valid safetensors file ({e})") from e
     header.pop("__metadata__", None)
     return header, 8 + n
+
+
+def _check_entry(path: Path, name: str, entry, data_size: int):
+    """(dtype, shape, begin, end) of a header entry, or a ConversionError naming what is wrong."""
+    def bad(why: str):
+        return ConversionError(f"{path}: header entry for tensor {name!r} {why}")
+
+    if not isinstance(entry, dict):
+        raise bad(f"is not an object: {entry!r}"[:200])
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise bad(f"has no {key!r}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in _ST_DTYPES:
+        raise bad(f"has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * _ST_DTYPES[dtype].itemsize != end - begin:
+        raise bad(f"has {end - begin} bytes for shape {shape} {dtype}")
+    if end > data_size:
+        raise ConversionError(f"{path} is truncated: tensor {name!r} ends at byte "
+                              f"{end} of the {data_size}-byte data section")
+    return _ST_DTYPES[dtype], shape, begin, end
 
 
 def _bytes_view(t: torch.Tensor):
@@ -131,8 +126,10 @@ class SafetensorsReader:
         if index.is_file():
             try:
                 files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
                 raise ConversionError(f"corrupt safetensors index {index}: {e}") from e
+            if any(not isinstance(f, str) or Path(f).name != f for f in files):
+                raise ConversionError(f"{index} lists a file outside {self.directory}: refused")
         elif single.is_file():
             files = [single.name]
         else:
@@ -151,14 +148,8 @@ class SafetensorsReader:
             header, data_start = _read_header(path)
             size = path.stat().st_size
             for name, entry in header.items():
-                begin, end = entry["data_offsets"]
-                if entry["dtype"] not in _ST_DTYPES:
-                    raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype "
-                                          f"{entry['dtype']}")
-                if data_start + end > size:
-                    raise ConversionError(f"{path} is truncated: tensor {name!r} ends at byte "
-                                          f"{data_start + end} of {size}")
-                self._entries[name] = (path, data_start, entry)
+                self._entries[name] = (path, data_start, _check_entry(path, name, entry,
+                                                                      size - data_start))
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -166,12 +157,8 @@ class SafetensorsReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self._entries:
             raise ConversionError(f"tensor {name!r} not found in {self.directory}")
-        path, data_start, entry = self._entries[name]
-        begin, end = entry["data_offsets"]
-        out = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
-        if out.numel() * out.element_size() != end - begin:
-            raise ConversionError(f"{path}: tensor {name!r} has {end - begin} bytes for shape "
-                                  f"{entry['shape']} {entry['dtype']}")
+        path, data_start, (dtype, shape, begin, end) = self._entries[name]
+        out = torch.empty(shape, dtype=dtype)
         with open(path, "rb", buffering=0) as f:
             f.seek(data_start + begin)
             view, done = _bytes_view(out), 0

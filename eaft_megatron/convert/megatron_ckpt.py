@@ -7,6 +7,12 @@ The state written is the one ``megatron.training`` writes (``model`` = the model
 state dict, ``iteration``, ``checkpoint_version``, ``args`` with the parallel sizes), so
 ``pretrain(..., --load/--finetune)`` reads it; torch_dist stores global tensors, so it loads at
 any TP/PP that divides the model.
+
+Reading is restricted to what a model needs and what cannot run code: ``.metadata`` goes
+through :mod:`.safe_metadata` (an allow-listed unpickler) before megatron-core sees the
+directory, and only tensors are requested from megatron-core's torch_dist strategy (no common
+state, no ``_extra_state`` objects: torch's loader unpickles those byte entries with
+``weights_only=False``). Tensor data itself is read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ import torch
 import torch.distributed as dist
 
 from .io import ConversionError
+from .safe_metadata import checkpoint_tensor_shapes, validate_checkpoint_metadata
+
+__all__ = ["checkpoint_tensor_shapes", "find_iteration_dir", "load_model_weights",
+           "megatron_process_group", "save_model_checkpoint", "validate_checkpoint_metadata"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _VOCAB_TENSORS = ("embedding.", "output_layer.")
@@ -122,6 +132,8 @@ def save_model_checkpoint(
     the save release parameter memory as it goes (the models are unusable afterwards)."""
     from megatron.core import dist_checkpointing
 
+    from ..compat.processes import in_process_checkpoint_writes
+
     path = root / iteration_dir_name(iteration)
     if dist.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
@@ -138,7 +150,8 @@ def save_model_checkpoint(
             state[f"model{i}"] = m.sharded_state_dict()
     if consume:
         _expand_factories(state, consume=True)
-    dist_checkpointing.save(state, str(path))
+    with in_process_checkpoint_writes():  # no spawned manager process (compat.processes)
+        dist_checkpointing.save(state, str(path))
     if dist.get_rank() == 0:
         tmp = root / (TRACKER + ".tmp")
         tmp.write_text(str(iteration))
@@ -147,16 +160,30 @@ def save_model_checkpoint(
     return path
 
 
+def _tensors_only(sharded):
+    """The sharded state dict without its ShardedObjects (byte entries unpickled on load)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    if isinstance(sharded, dict):
+        return {k: _tensors_only(v) for k, v in sharded.items() if not isinstance(v, ShardedObject)}
+    if isinstance(sharded, list):
+        return [_tensors_only(v) for v in sharded if not isinstance(v, ShardedObject)]
+    return sharded
+
+
 def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> None:
     """Fill ``models`` from a torch_dist checkpoint (converted or written by the trainer, any
     TP/PP); every parameter must be found, extra entries (optimizer state...) are ignored."""
-    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+    from torch.distributed.checkpoint.api import CheckpointException
 
+    validate_checkpoint_metadata(iteration_dir)
     if len(models) == 1:
         sharded = {"model": models[0].sharded_state_dict()}
     else:
         sharded = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
     _expand_factories(sharded, consume=False)  # load fc1 halves in place
+    sharded = _tensors_only(sharded)
     # torch_dist reads every tensor into a temporary before copying it into place: loading the
     # vocabulary-sized tensors first, while little else is resident, keeps that temporary out
     # of the peak (measured: 1.32x -> ~1.0x the model for a 1.1B model).
@@ -164,13 +191,15 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> No
              for name, sd in sharded.items()}
     rest = {name: {k: v for k, v in sd.items() if not k.startswith(_VOCAB_TENSORS)}
             for name, sd in sharded.items()}
+    strategy = TorchDistLoadShardedStrategy()
     try:
-        loaded = dist_checkpointing.load(first, str(iteration_dir))
-        later = dist_checkpointing.load(rest, str(iteration_dir))
-        for name in sharded:  # (the results also carry the checkpoint's common state)
+        loaded = strategy.load(first, Path(iteration_dir))
+        later = strategy.load(rest, Path(iteration_dir))
+        for name in sharded:
             loaded[name].update(later[name])
-    except Exception as e:  # missing keys / shape mismatches surface here
-        raise ConversionError(f"cannot load model weights from {iteration_dir}: {e}") from e
+    except (Exception, CheckpointException) as e:  # (CheckpointException is a BaseException)
+        raise ConversionError(f"cannot load model weights from {iteration_dir}: "
+                              f"{_first_line(e)}") from e
     for i, m in enumerate(models):
         sd = loaded["model"] if len(models) == 1 else loaded[f"model{i}"]
         # The expanded fc1 entries were loaded in place (lists of halves): skip them here.
@@ -182,9 +211,11 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> No
             raise ConversionError(f"checkpoint {iteration_dir} lacks parameters: {missing[:10]}")
 
 
-def checkpoint_tensor_shapes(iteration_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Global shape and dtype of every tensor stored in a torch_dist checkpoint."""
-    from megatron.core import dist_checkpointing
-
-    meta = dist_checkpointing.load_tensors_metadata(str(iteration_dir))
-    return {k: (tuple(v.global_shape), v.dtype) for k, v in meta.items()}
+def _first_line(e: BaseException) -> str:
+    """A one-line reason: DCP wraps the failure of each rank into a long multi-line text."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))  # (exception, traceback summary)
+        e = inner[0] if isinstance(inner, tuple) else inner
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eaft_megatron.convert import ConversionError, hf_to_megatron, megatron_to_hf
+from eaft_megatron.paths import UnsafePathError
 from tests.distributed import spawn
 from tests.models.tiny_hf import CASES, build, tokens
 
@@ -200,7 +201,8 @@ def test_errors_leave_nothing_behind(hf_models, tmp_path):
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dir left"
 
     fails("divide", tp=3)  # 4 heads / 2 query groups
-    fails("no config.json", hf_dir=tmp_path)
+    (tmp_path / "empty").mkdir()
+    fails("no config.json", hf_dir=tmp_path / "empty")
 
     bad = tmp_path / "unknown"
     bad.mkdir()
@@ -224,7 +226,7 @@ def test_errors_leave_nothing_behind(hf_models, tmp_path):
 
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(ConversionError, match="not empty"):
+    with pytest.raises(UnsafePathError, match="not empty"):
         hf_to_megatron(src, out, progress=False)
     assert (out / "keep.txt").read_text() == "user data"
     hf_to_megatron(src, out, force=True, progress=False)
