@@ -86,7 +86,7 @@ class _FusedLinearEAFT(torch.autograd.Function):
         out = {k: torch.zeros(n_tokens, **f32) for k in ("loss", "ce", "prob", "ent", "w", "lse")}
         grad_hidden = torch.empty(n_tokens, h2.shape[1], **f32)
         grad_weight = torch.zeros(weight.shape, **f32)
-        chunk = min(chunk_tokens, n_tokens)
+        chunk = max(1, min(chunk_tokens, n_tokens))  # no tokens: no chunk, zero gradients
         buf = torch.empty(chunk, vocab_local, **f32)
         scratch = torch.empty(chunk, vocab_local, **f32) if want_full else None
         for c0 in range(0, n_tokens, chunk):

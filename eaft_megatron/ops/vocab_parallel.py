@@ -152,16 +152,23 @@ def local_partials(chunk: torch.Tensor, buf: torch.Tensor, part: torch.Tensor, *
         part[:, col_topk:] = chunk.topk(k_local, dim=1, sorted=False).values
     row_max = chunk.amax(dim=1, keepdim=True).to(torch.float32)
     part[:, 0] = row_max.squeeze(1)
+    # A row whose logits here are all -inf (a masked shard) keeps m_r = -inf in the partials
+    # (weight exp(m_r - M) = 0 in the merge) but is shifted by 0, so exp gives 0 instead of NaN.
+    shift = row_max.masked_fill(row_max == float("-inf"), 0.0)
     if full:
         shifted = scratch[: chunk.shape[0]]
-        torch.sub(chunk, row_max, out=shifted)  # z - m_r, fp32
+        torch.sub(chunk, shift, out=shifted)  # z - m_r, fp32
         torch.exp(shifted, out=buf)
         # s_r = S_r - 1 accumulated in fp64: log(1 + s) and the full entropy keep their
         # relative precision on confident tokens (s below fp32 epsilon).
         part[:, 1] = buf.sum(dim=1, dtype=torch.float64) - 1.0
-        part[:, 3] = torch.mul(shifted, buf, out=shifted).sum(dim=1)
+        # p log p -> 0 as p -> 0: a -inf logit gives (-inf) * 0 = NaN here, which is its 0.
+        # (A NaN logit still makes the loss NaN: it is the row's max, so CE is NaN.)
+        torch.mul(shifted, buf, out=shifted).nan_to_num_(nan=0.0, posinf=float("inf"),
+                                                         neginf=float("-inf"))
+        part[:, 3] = shifted.sum(dim=1)
     else:
-        torch.sub(chunk, row_max, out=buf)
+        torch.sub(chunk, shift, out=buf)
         buf.exp_()
         part[:, 1] = buf.sum(dim=1) - 1.0
 
@@ -183,11 +190,14 @@ def merge_partials(gathered: torch.Tensor, *, rank: int, full: bool, k_local: in
     cross_entropy = global_max + log_sum_exp_shifted - gathered[..., 2].sum(dim=0)
     entropy = None
     if full:
-        # H = log S - sum_v p_v (z_v - M), per rank: exp(m_r - M) (T_r + (m_r - M) S_r) / S
+        # H = log S - sum_v p_v (z_v - M), per rank: exp(m_r - M) (T_r + (m_r - M) S_r) / S;
+        # a rank whose logits are all -inf (m_r = -inf, S_r = 0) adds 0, not (-inf) * 0
         shifted = gathered[..., 3] + (local_max - global_max) * (1.0 + gathered[..., 1])
-        entropy = log_sum_exp_shifted - (rescale * shifted).sum(dim=0) / sum_exp
+        shifted = torch.where(rescale == 0, 0.0, rescale * shifted)
+        entropy = log_sum_exp_shifted - shifted.sum(dim=0) / sum_exp
     elif k_local:
-        candidates = gathered[..., 3:].permute(1, 0, 2).reshape(n_tokens, -1)
+        world = gathered.shape[0]
+        candidates = gathered[..., 3:].permute(1, 0, 2).reshape(n_tokens, world * k_local)
         k = min(top_k, candidates.shape[1])
         entropy = _entropy_of_sorted_logits(candidates.topk(k, dim=1, sorted=True).values)
     return MergedPartials(cross_entropy, torch.exp(-cross_entropy), entropy,
@@ -412,7 +422,9 @@ def vocab_parallel_eaft_cross_entropy(
     Collectives (only when the group has more than one rank): forward, one all-gather of
     ``[N, 3 + k_l]`` (topk) or ``[N, 4]`` (full) float32 per-token partials (``[N, 3]`` for
     sft/dft without stats); backward, none. Non-finite logits (NaN, +inf) make that token's
-    loss non-finite rather than being hidden. Bad input raises ``ValueError``/``TypeError``.
+    loss non-finite rather than being hidden; a ``-inf`` logit (a masked vocabulary entry) has
+    probability 0 and adds nothing to the entropy, in every mode. No tokens (``N = 0``) give an
+    empty loss and an empty gradient. Bad input raises ``ValueError``/``TypeError``.
 
     Under ``torch.compile`` this function is a graph break (``torch.compiler.disable``): it runs
     eagerly inside a compiled model, so the compiler never copies the working buffer.

@@ -125,3 +125,23 @@ def _tp2_worker(rank, world):
 
 def test_tp2_with_and_without_sequence_parallel():
     assert spawn(_tp2_worker, 2) == [24, 24]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_tokens(dtype):
+    """N = 0: empty loss of the target's shape; gradients of the right shapes and dtypes, zero
+    for the weight (as the unfused path gives)."""
+    for loss_type in LOSS_TYPES:
+        for entropy in ("topk", "full"):
+            h = torch.randn(0, 3, 16).to(dtype).requires_grad_()
+            w = torch.randn(64, 16).to(dtype).requires_grad_()
+            target = torch.zeros(0, 3, dtype=torch.long)
+            loss, stats = fused_linear_eaft_cross_entropy(h, w, target, loss_type=loss_type,
+                                                          entropy=entropy, return_stats=True)
+            assert loss.shape == (0, 3) and all(s.shape == (0, 3) for s in stats)
+            ref_loss, ref_h, ref_w = _unfused(h, w, target, torch.ones(0, 3),
+                                              loss_type=loss_type, entropy=entropy)
+            (loss * 2.0).sum().backward()
+            assert h.grad.shape == h.shape and h.grad.dtype == dtype
+            assert w.grad.dtype == dtype and torch.equal(w.grad.float(), ref_w)
+            assert torch.equal(w.grad, torch.zeros_like(w)) and ref_loss.numel() == 0

@@ -323,3 +323,101 @@ def test_only_one_logits_sized_buffer_survives_forward(dtype):
     assert len(big) == 1 and big[0].dtype == torch.float32, [(t.shape, t.dtype) for t in saved]
     assert all(t.numel() <= n for t in saved if t is not big[0])
     assert big[0].untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------
+# edge cases: no tokens at all, and -inf logits (masked vocabulary entries)
+
+
+def masked_case(seed: int, n_tokens: int, vocab: int, *, masked_tail: int):
+    """``make_case`` with -inf logits: ~30% of entries at random, the last ``masked_tail``
+    columns (masked vocabulary), and rows 0-2 keep only 4 finite logits (fewer than top_k);
+    never a row's label nor column 0 (so every row keeps a finite logit)."""
+    logits, target = make_case(seed, n_tokens, vocab)
+    masked = torch.rand(n_tokens, vocab, generator=torch.Generator().manual_seed(seed)) < 0.3
+    masked[:, vocab - masked_tail:] = True
+    masked[:3, 4:] = True
+    masked[:, 0] = False
+    masked[torch.arange(n_tokens), target.clamp(min=0)] = False
+    return logits.masked_fill(masked, float("-inf")), target, masked
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("entropy", ENTROPIES)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_minus_inf_logits_have_zero_probability(loss_type, entropy, dtype_name):
+    """A -inf logit has p = 0 and adds 0 to the entropy ((-inf) * 0 is not NaN here)."""
+    logits, target, masked = masked_case(5, 30, 80, masked_tail=16)
+    _check_against_reference(logits, target, rank=0, world=1, group=None,
+                             dtype_name=dtype_name, loss_type=loss_type, entropy=entropy,
+                             chunk_rows=7)
+    x = logits.to(DTYPES[dtype_name][0]).requires_grad_()
+    loss = vocab_parallel_eaft_cross_entropy(x, target, loss_type=loss_type, entropy=entropy)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+    assert torch.all(x.grad[masked] == 0)
+
+
+EMPTY_SHAPES = [(0,), (0, 3), (2, 0)]
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES)
+def test_no_tokens(shape):
+    """N = 0: an empty loss (and stats) of the target's shape; backward gives an empty gradient
+    of the logits' shape and dtype, in every mode, equal to the float64 oracle's."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for loss_type in LOSS_TYPES:
+            for entropy in ENTROPIES:
+                x = torch.randn(*shape, 24).to(dtype).requires_grad_()
+                target = torch.zeros(shape, dtype=torch.long)
+                loss, stats = vocab_parallel_eaft_cross_entropy(
+                    x, target, loss_type=loss_type, entropy=entropy, return_stats=True)
+                ref = reference_eaft(x.detach().double().reshape(-1, 24), target.reshape(-1),
+                                     loss_type=loss_type, entropy=entropy)[0]
+                assert loss.shape == shape and loss.dtype == torch.float32 and ref.numel() == 0
+                assert all(s.shape == shape for s in stats)
+                (loss * 2.0).sum().backward()
+                assert x.grad.shape == x.shape and x.grad.dtype == dtype
+                plain = vocab_parallel_eaft_cross_entropy(x, target, loss_type=loss_type,
+                                                          entropy=entropy, chunk_rows=1)
+                assert plain.shape == shape
+
+
+def _edge_cases_worker(rank, world):
+    """tp=2: -inf logits (including rows whose whole shard on rank 1 is -inf: masked vocabulary
+    padding), and N = 0 for both ops."""
+    import torch.distributed as dist
+
+    from eaft_megatron import fused_linear_eaft_cross_entropy
+
+    group = dist.group.WORLD
+    logits, target, _ = masked_case(6, 26, 64, masked_tail=32)  # rank 1: only labels finite
+    assert (torch.isinf(logits[:, 32:]).all(dim=1)).any()
+    for dtype_name in DTYPES:
+        for loss_type in LOSS_TYPES:
+            for entropy in ENTROPIES:
+                _check_against_reference(logits, target, rank=rank, world=world, group=group,
+                                         dtype_name=dtype_name, loss_type=loss_type,
+                                         entropy=entropy, chunk_rows=5)
+    for loss_type in LOSS_TYPES:
+        for entropy in ENTROPIES:
+            x = torch.randn(0, 2, 16, requires_grad=True)
+            loss = vocab_parallel_eaft_cross_entropy(x, torch.zeros(0, 2, dtype=torch.long),
+                                                     loss_type=loss_type, entropy=entropy,
+                                                     tp_group=group)
+            loss.sum().backward()
+            assert loss.shape == (0, 2) and x.grad.shape == x.shape
+            for sequence_parallel in (False, True):
+                h = torch.randn(0, 2, 8, requires_grad=True)
+                w = torch.randn(16, 8, requires_grad=True)
+                loss = fused_linear_eaft_cross_entropy(
+                    h, w, torch.zeros(0, 2, dtype=torch.long), loss_type=loss_type,
+                    entropy=entropy, tp_group=group, sequence_parallel=sequence_parallel)
+                loss.sum().backward()
+                assert loss.shape == (0, 2) and h.grad.shape == h.shape
+                assert torch.equal(w.grad, torch.zeros_like(w))
+    return True
+
+
+def test_tensor_parallel_edge_cases():
+    assert spawn(_edge_cases_worker, 2) == [True, True]
