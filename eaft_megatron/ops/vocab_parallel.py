@@ -162,11 +162,10 @@ def local_partials(chunk: torch.Tensor, buf: torch.Tensor, part: torch.Tensor, *
         # s_r = S_r - 1 accumulated in fp64: log(1 + s) and the full entropy keep their
         # relative precision on confident tokens (s below fp32 epsilon).
         part[:, 1] = buf.sum(dim=1, dtype=torch.float64) - 1.0
-        # p log p -> 0 as p -> 0: a -inf logit gives (-inf) * 0 = NaN here, which is its 0.
-        # (A NaN logit still makes the loss NaN: it is the row's max, so CE is NaN.)
-        torch.mul(shifted, buf, out=shifted).nan_to_num_(nan=0.0, posinf=float("inf"),
-                                                         neginf=float("-inf"))
-        part[:, 3] = shifted.sum(dim=1)
+        # p log p -> 0 as p -> 0: a -inf logit gives (-inf) * 0 = NaN here, which nansum
+        # counts as its 0 (at the cost of sum). A NaN logit still makes the loss NaN: it is the
+        # row's max, so CE is NaN.
+        part[:, 3] = torch.mul(shifted, buf, out=shifted).nansum(dim=1)
     else:
         torch.sub(chunk, shift, out=buf)
         buf.exp_()
