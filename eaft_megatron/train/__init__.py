@@ -1,7 +1,7 @@
 """SFT with EAFT in Megatron-LM's own training loop (``megatron.training.pretrain``).
 
     torchrun --nproc-per-node 8 -m eaft_megatron.train \\
-        --load ckpt/qwen3-8b-mcore --finetune --save runs/qwen3-eaft \\
+        --load runs/qwen3-eaft --save runs/qwen3-eaft --pretrained-checkpoint ckpt/qwen3-8b-mcore \\
         --data-path data/math --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \\
         --micro-batch-size 1 --global-batch-size 64 --train-iters 1000 --lr 1e-5 --bf16 \\
         --lr-decay-style cosine --save-interval 200 --eval-interval 100 --eval-iters 10 \\
@@ -10,7 +10,8 @@
     python -m eaft_megatron.train --load runs/qwen3-eaft --data-path data/heldout \\
         --eval-only --eval-iters 20 --micro-batch-size 1 --global-batch-size 8   # evaluation only
 
-The model architecture comes from the HF config stored with the checkpoint (``<load>/hf/``,
+Running the same command again resumes the latest complete checkpoint of ``--save`` (see
+``restart.py``). The model architecture comes from the HF config stored with the checkpoint (``<load>/hf/``,
 written by ``eaft-megatron convert hf-to-megatron`` and copied into ``--save``) or
 ``--hf-config DIR``; the padded vocabulary from the checkpoint. Every other flag is Megatron-LM's
 (checkpointing, schedules, optimizer, logging). The same command runs on GPUs (NCCL, the
@@ -21,12 +22,16 @@ Megatron (stdout, TensorBoard, W&B): ``lm loss`` (plain CE), ``<loss_type> loss`
 weight``, ``entropy``, ``confident conflicts`` (see ``eaft_megatron.megatron.loss``), and one
 JSON line per logged iteration / evaluation in ``<--log-dir or --save>/metrics.jsonl``.
 
-=============  ===============================================================================
-``main.py``    the entry point: command line, CPU setup, HF config into ``--save``, pretrain()
-``argv.py``    completing the command line (architecture, tokenizer, CPU flags)
-``steps.py``   model provider, forward step + loss function, datasets provider
-``metrics.py`` ``metrics.jsonl`` (hooks on Megatron's ``training_log`` / ``evaluate``)
-=============  ===============================================================================
+==============  ==============================================================================
+``main.py``     the entry point: ``--help``, command line, CPU setup, HF config into ``--save``,
+                pretrain(), one-line errors
+``argv.py``     completing and checking the command line (architecture, data, sizes, EAFT flags)
+``restart.py``  where a run starts: resume ``--save``'s latest complete checkpoint or fine-tune
+``guard.py``    non-finite guard (loss, gradient norm, parameters before save), no roll-back save
+``steps.py``    model provider, forward step + loss function, datasets provider
+``metrics.py``  ``metrics.jsonl`` (hooks on Megatron's ``training_log`` / ``evaluate``)
+``patching.py`` wrapping functions of Megatron's training loop
+==============  ==============================================================================
 """
 
 
