@@ -11,8 +11,7 @@ and ``--conversations`` synthetic chats (optional system prompt, 1-3 user/assist
 - ``loop``: the reference, one process: ``parse_line`` + ``encode_record`` over every line with
   the same tokenizer, nothing written (the work a naive script does).
 - ``workers=N``: the whole ``preprocess`` (reading, N tokenizer processes, writing the indexed
-  dataset and summary), end to end except the one-off import of megatron-core (done before);
-  ``--pack`` rows pack into ``--seq-length``.
+  dataset and summary), end to end; ``--pack`` rows pack into ``--seq-length``.
 
 tokens/s counts the tokens written; ``speedup`` is tokens/s over the loop's (median loop time
 with ``--rounds`` > 1). ``cpu_s`` is the CPU time spent (parent and workers): with no other
@@ -119,13 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
 
-    import warnings
-
     from eaft_megatron.data import preprocess
-
-    with warnings.catch_warnings():  # a one-off import (seconds): kept out of the timings
-        warnings.simplefilter("ignore")
-        import megatron.core.datasets.indexed_dataset  # noqa: F401
 
     rng = random.Random(0)
     words = lexicon(rng)

@@ -12,8 +12,10 @@
 ``hf_chat.py``     Hugging Face chat templates, assistant turns located and verified per token
 ``sp_chat.py``     SentencePiece ``.model`` with a documented role-tag prompt format
 ``packing.py``     streaming first-fit packing, never splitting a conversation
-``writer.py``      atomic ``.bin``/``.idx`` + summary output (megatron-core IndexedDatasetBuilder)
-``pipeline.py``    the pipeline (worker processes, progress bar) and the console sub-command
+``writer.py``      atomic ``.bin``/``.idx`` + summary output (megatron-core's indexed format)
+``workers.py``     tokenizer worker processes that fail fast and die with the parent
+``pipeline.py``    the pipeline: read, tokenize (in workers), pack, write, report progress
+``command.py``     the ``preprocess`` console sub-command (light: ``--help`` imports nothing)
 ``dataset.py``     the training ``torch.utils.data.Dataset`` and attention helpers
 =================  ==============================================================================
 
@@ -26,7 +28,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "preprocess": "pipeline", "PreprocessError": "pipeline",
+    "preprocess": "pipeline", "PreprocessError": "pipeline", "WorkerDied": "workers",
     "InvalidRecord": "formats", "parse_line": "formats", "parse_record": "formats",
     "FORMATS": "formats",
     "ConfigError": "tokenizer", "load_tokenizer": "tokenizer", "encode_record": "tokenizer",
