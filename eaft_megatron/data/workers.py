@@ -13,7 +13,7 @@ one). Results that arrive early are kept until their turn, so no worker waits on
 
 Workers never outlive the parent: on Linux the kernel kills them when it dies
 (``PR_SET_PDEATHSIG``); elsewhere a worker waiting for work notices within a second that its
-parent changed. They ignore SIGINT (the parent handles Ctrl-C and terminates them).
+parent changed. They ignore SIGINT and SIGTERM (the parent handles them and stops the workers).
 
 ``fork`` is used where available: the state (a loaded tokenizer) is inherited, not pickled.
 """
@@ -49,7 +49,10 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _worker_main(fn: Callable, state: tuple, tasks: Any, results: Any, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
+    # Ctrl-C and a SIGTERM sent to the whole group (timeout, Slurm) are the parent's to handle:
+    # it cleans up and stops the workers; a worker dying first would be reported as a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker
     while True:
         try:

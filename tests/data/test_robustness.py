@@ -189,11 +189,13 @@ def test_live_concurrent_run_is_refused_and_keeps_its_temporaries(tmp_path, caps
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_removes_temporaries_with_a_message(tmp_path, sig):
+    """The signal goes to the whole process group, as Ctrl-C, ``timeout`` or Slurm send it: the
+    workers leave it to the parent, which cleans up and reports an interruption (not a crash)."""
     fifo = tmp_path / "in.jsonl"
     os.mkfifo(fifo)
     proc = subprocess.Popen(CLI + ["--input", str(fifo), "--format", "tokenized",
                                    "--output-prefix", str(tmp_path / "o"), "--seq-length", "16",
-                                   "--workers", "2"],
+                                   "--workers", "2"], start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with open(fifo, "w") as f:
@@ -201,7 +203,8 @@ def test_signal_removes_temporaries_with_a_message(tmp_path, sig):
             f.flush()
             wait_until(lambda: len(temps(tmp_path)) == 2, "temporary outputs")
             workers = children(proc.pid)
-            proc.send_signal(sig)
+            assert len(workers) == 2
+            os.killpg(proc.pid, sig)
             _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
