@@ -18,12 +18,12 @@ Four rules, one place:
 
 Typical command::
 
-    from eaft_megatron.paths import Interrupted, UnsafePathError, atomic_output, check_output, interruptible
+    from eaft_megatron.paths import atomic_output, check_output, interruptible
 
     with interruptible():
         check_output(out, inputs={"--hf": hf_dir}, force=force)   # early: before any work
         with atomic_output(out, inputs={"--hf": hf_dir}, force=force) as tmp:
-            write_everything_into(tmp)                           # a directory (directory=False: a file path)
+            write_everything_into(tmp)   # a new directory (directory=False: a file path)
 
 Errors are :class:`UnsafePathError` (a ``ValueError``) with a one-line message for the user.
 """

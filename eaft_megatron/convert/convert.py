@@ -76,7 +76,8 @@ def _mapped(stream):
 def _input_dir(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise ConversionError(f"{what} {path} {'is not a directory' if path.exists() else 'does not exist'}")
+        why = "is not a directory" if path.exists() else "does not exist"
+        raise ConversionError(f"{what} {path} {why}")
     return path
 
 
@@ -173,8 +174,8 @@ def hf_to_megatron(
     expected = set(models.hf_names(arch, hf_config))
     present = {n for n in reader.names() if not n.endswith(_IGNORED_HF_SUFFIXES)}
     if missing := sorted(expected - present):
-        raise ConversionError(f"{hf_dir} lacks {len(missing)} tensor(s) the {arch.hf_architecture} mapping "
-                              f"needs: {missing[:8]}")
+        raise ConversionError(f"{hf_dir} lacks {len(missing)} tensor(s) the "
+                              f"{arch.hf_architecture} mapping needs: {missing[:8]}")
     if extra := sorted(present - expected):
         raise ConversionError(f"{len(extra)} tensor(s) in {hf_dir} are not consumed by the "
                               f"{arch.hf_architecture} mapping (wrong architecture?): {extra[:8]}")
@@ -291,9 +292,10 @@ def megatron_to_hf(
             tensors = {k: v.detach() for k, v in _parameters(model).items()}
             del model
         if not allow_non_finite and (bad := non_finite_tensors(tensors)):
+            more = " ..." if len(bad) > 5 else ""
             raise ConversionError(f"{iter_dir} has non-finite values (NaN/Inf) in {len(bad)} "
-                                  f"tensor(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
-                                  f"nothing written (--allow-non-finite converts it anyway)")
+                                  f"tensor(s): {', '.join(bad[:5])}{more}; nothing written "
+                                  f"(--allow-non-finite converts it anyway)")
         expected = set(models.megatron_names(arch, config, te=False))
         unknown, absent = sorted(set(tensors) - expected), sorted(expected - set(tensors))
         if unknown or absent:
@@ -304,7 +306,8 @@ def megatron_to_hf(
             try:
                 return tensors.pop(name)
             except KeyError:
-                raise ConversionError(f"mapping asked for {name!r} twice or it does not exist") from None
+                raise ConversionError(f"mapping asked for {name!r} twice or it does not "
+                                      f"exist") from None
 
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
         stream = _mapped(models.megatron_to_hf(arch, config, take, te=False))

@@ -30,7 +30,8 @@ from tests.models.tiny_hf import build
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _temps(directory: Path) -> list[str]:
@@ -265,8 +266,9 @@ class _Watch:
     """Start the real command and record every descendant process it ever has."""
 
     def __init__(self, argv):
-        self.p = subprocess.Popen([sys.executable, "-m", "eaft_megatron", "convert", *map(str, argv)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "eaft_megatron", "convert", *map(str, argv)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.proc = psutil.Process(self.p.pid)
         self.seen: dict[int, psutil.Process] = {}
 
