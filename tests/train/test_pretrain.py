@@ -134,8 +134,9 @@ def test_resume_equals_straight(tiny, straight):
 
 
 def test_eval_only_matches_transformers(tiny, evaluated):
-    [record] = evaluated.records
-    assert record["kind"] == "valid" and record["iteration"] == 0
+    start, record = evaluated.records
+    assert start["kind"] == "start" and start["checkpoint"] == str(tiny["ckpt"])
+    assert record["kind"] == "valid" and record["iteration"] == 0 and record["final"]
     ref = _hf_reference(tiny["hf"], tiny["data"])
     assert record["lm_loss"] == pytest.approx(ref["ce"], rel=REL)
     assert record["gate_weight"] == pytest.approx(ref["weight"], rel=REL)
@@ -146,13 +147,14 @@ def test_eval_only_matches_transformers(tiny, evaluated):
 
 
 def test_eaft_training_lowers_the_loss(straight, evaluated):
-    before = evaluated.records[0]
+    before = evaluated.of("valid")[0]
     valid = straight.of("valid")
     assert [r["iteration"] for r in valid] == [3, 6, 6]  # every 3, then the final one
+    assert [r["final"] for r in valid] == [False, False, True]
     assert valid[1]["lm_loss"] == pytest.approx(valid[2]["lm_loss"], rel=REL)  # same samples
     assert valid[1]["loss"] < valid[0]["loss"] < before["loss"]
     assert valid[1]["lm_loss"] < valid[0]["lm_loss"] < before["lm_loss"]
-    for r in straight.records:
+    for r in straight.of("train") + straight.of("valid"):
         assert 0 <= r["gate_weight"] <= 1 and 0 <= r["confident_conflicts"] <= 1
         assert 0 <= r["entropy"] <= math.log(TOP_K) + 1e-6
         assert r["loss"] <= r["lm_loss"] + 1e-6
