@@ -281,13 +281,31 @@ def resolve_checkpoints(argv: list[str]) -> tuple[list[str], Start]:
         raise TrainArgError(str(e)) from None
     out = drop_flag(argv, "--pretrained-checkpoint")
     out = drop_flag(out, "--finetune", takes_value=False)
-    if start.resumed or start.finetune:
+    if start.resumed:
         out = drop_flag(out, "--ckpt-step")
     if start.load is not None and flag_value(out, "--load") != start.load:
         out = drop_flag(out, "--load") + ["--load", start.load]
     if start.finetune:
         out.append("--finetune")
+    if start.load is not None:
+        step = flag_value(out, "--ckpt-step")
+        check_checkpoint_files(start.load, int(step) if step is not None else
+                               (start.iteration if start.resumed else None))
     return out, start
+
+
+def check_checkpoint_files(root: str, iteration: int | None) -> None:
+    """The torch_dist metadata of the checkpoint about to be loaded, read with the allow-listed
+    unpickler before megatron-core's loader unpickles it freely, and the data files it lists
+    present and long enough (:func:`eaft_megatron.convert.safe_metadata.validate_checkpoint_metadata`)."""
+    from ..convert.io import ConversionError
+    from ..convert.megatron_ckpt import find_iteration_dir
+    from ..convert.safe_metadata import validate_checkpoint_metadata
+
+    try:
+        validate_checkpoint_metadata(find_iteration_dir(root, iteration))
+    except ConversionError as e:
+        raise TrainArgError(str(e)) from None
 
 
 def complete_argv(argv: list[str], *, cpu: bool, te_available: bool) -> tuple[list[str], LaunchInfo]:

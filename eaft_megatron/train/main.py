@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(e))
     if not args.calculate_per_token_loss:
         return _error("eaft_megatron.train needs --calculate-per-token-loss")
+    from ..compat.processes import contain_child_processes
+
+    contain_child_processes(async_save=bool(getattr(args, "async_save", False)))  # no orphans
     start = info.start
     if start.resumed and args.train_iters and start.iteration >= args.train_iters:
         if args.rank == 0:

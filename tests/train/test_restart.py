@@ -144,6 +144,34 @@ def test_argument_mistakes_are_named(tmp_path, tiny):
         complete("--pretrained-checkpoint", ckpt, "--hf-config", str(other))
 
 
+def test_crafted_metadata_is_refused_before_loading(tmp_path, tiny):
+    """A checkpoint whose .metadata is a pickle payload: the trainer refuses it (naming the
+    file) before megatron-core's loader would unpickle it, and the payload never runs."""
+    import pickle
+    import shutil
+
+    from eaft_megatron.train.argv import TrainArgError, complete_argv
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny["ckpt"], run)
+    metadata = run / "iter_0000000" / ".metadata"
+    metadata.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(TrainArgError, match=f"{metadata}.*refused"):
+        complete_argv(["--load", str(run), "--save", str(run), "--data-path", str(tiny["data"])],
+                      cpu=True, te_available=False)
+    metadata.write_bytes(metadata.read_bytes()[:5])  # and a truncated one is named too
+    with pytest.raises(TrainArgError, match=f"{metadata} is truncated or corrupt"):
+        complete_argv(["--load", str(run), "--save", str(run), "--data-path", str(tiny["data"])],
+                      cpu=True, te_available=False)
+    assert not marker.exists()
+
+
 def test_help_lists_the_eaft_flags():
     proc = subprocess.run([sys.executable, "-m", "eaft_megatron.train", "--help"], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=300)
