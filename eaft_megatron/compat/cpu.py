@@ -92,15 +92,38 @@ def cpu_transformer_config_kwargs() -> dict[str, Any]:
     )
 
 
-class _CpuStream:
-    """Stands in for ``torch.cuda.Stream``: CPU ops run in order, so every wait is a no-op."""
+class _CpuEvent:
+    """Stands in for ``torch.cuda.Event``: on CPU the work before it is already done."""
 
-    def wait_stream(self, stream: Any) -> None: ...
-    def wait_event(self, event: Any) -> None: ...
-    def record_event(self, event: Any = None) -> None: ...
+    def record(self, stream: Any = None) -> None: ...
+    def wait(self, stream: Any = None) -> None: ...
     def synchronize(self) -> None: ...
     def query(self) -> bool:
         return True
+
+
+class _CpuStream:
+    """Stands in for ``torch.cuda.Stream``: CPU ops run in order, so every wait is a no-op.
+
+    All CPU streams are the one stream (they compare equal): megatron's all-to-all MoE token
+    dispatcher compares its device-to-host side stream with the current one to decide whether
+    to ``record_stream`` its CPU copies, which a CPU tensor cannot do. ``record_event`` returns
+    an event (the dispatcher later calls ``synchronize()`` on it).
+    """
+
+    def wait_stream(self, stream: Any) -> None: ...
+    def wait_event(self, event: Any) -> None: ...
+    def record_event(self, event: Any = None) -> _CpuEvent:
+        return event if event is not None else _CpuEvent()
+    def synchronize(self) -> None: ...
+    def query(self) -> bool:
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _CpuStream)
+
+    def __hash__(self) -> int:
+        return hash(_CpuStream)
 
 
 _CPU_STREAM = _CpuStream()

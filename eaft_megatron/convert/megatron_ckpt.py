@@ -202,11 +202,12 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> No
                               f"{_first_line(e)}") from e
     for i, m in enumerate(models):
         sd = loaded["model"] if len(models) == 1 else loaded[f"model{i}"]
-        # The expanded fc1 entries were loaded in place (lists of halves): skip them here.
+        # The expanded fc1 entries (dense, routed and shared experts) were loaded in place
+        # (lists of halves): skip them here.
         sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
         missing, unexpected = m.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")
-                   and not k.endswith("mlp.linear_fc1.weight")]
+                   and not k.endswith("linear_fc1.weight")]
         if missing:
             raise ConversionError(f"checkpoint {iteration_dir} lacks parameters: {missing[:10]}")
 

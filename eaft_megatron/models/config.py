@@ -29,6 +29,7 @@ __all__ = [
     "check_parallel_sizes",
     "default_transformer_impl",
     "gpt_model_kwargs",
+    "moe_config_from_hf",
     "padded_vocab_size",
     "rope_from_hf",
     "te_available",
@@ -41,6 +42,11 @@ ARCH_CONFIG_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "kv_channels", "normalization", "layernorm_epsilon", "gated_linear_unit", "add_bias_linear",
     "add_qkv_bias", "qk_layernorm", "rotary_interleaved",
+    # mixture of experts (None / False / defaults for dense models)
+    "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_router_score_function",
+    "moe_router_pre_softmax", "moe_layer_freq", "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate", "moe_router_enable_expert_bias", "moe_router_num_groups",
+    "moe_router_group_topk", "moe_router_topk_scaling_factor",
 )
 
 
@@ -74,12 +80,29 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def check_parallel_sizes(hf_config: Any, tp: int, pp: int) -> None:
+def check_parallel_sizes(hf_config: Any, tp: int, pp: int, ep: int = 1,
+                         etp: int | None = None) -> None:
     """Raise ValueError unless TP divides the heads, query groups and FFN size, and PP divides
-    the layers (uneven pipeline stages are not supported)."""
+    the layers (uneven pipeline stages are not supported); for MoE models, EP must divide the
+    routed experts and the expert TP (``etp``, default ``tp``) the expert FFN size."""
     d = ModelDims.from_hf(hf_config)
-    if tp < 1 or pp < 1:
-        raise ValueError(f"tensor and pipeline parallel sizes must be >= 1; got tp={tp}, pp={pp}")
+    etp = tp if etp is None else etp
+    if tp < 1 or pp < 1 or ep < 1 or etp < 1:
+        raise ValueError(f"parallel sizes must be >= 1; got tp={tp}, pp={pp}, ep={ep}, "
+                         f"etp={etp}")
+    if not d.num_experts and (ep > 1 or etp != tp):
+        raise ValueError(f"expert parallelism (ep={ep}, etp={etp}) needs a mixture-of-experts "
+                         "model")
+    if d.num_experts:
+        if d.num_experts % ep:
+            raise ValueError(f"expert parallel size {ep} does not divide the "
+                             f"{d.num_experts} routed experts")
+        if d.moe_ffn_hidden_size % etp:
+            raise ValueError(f"expert tensor parallel size {etp} does not divide "
+                             f"moe_intermediate_size={d.moe_ffn_hidden_size}")
+        if d.shared_expert_size % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide the shared expert "
+                             f"size {d.shared_expert_size}")
     for what, n in (("num_attention_heads", d.num_attention_heads),
                     ("num_key_value_heads (query groups)", d.num_query_groups),
                     ("intermediate_size", d.ffn_hidden_size)):
@@ -129,6 +152,78 @@ def _check_supported(hf_config: Any, arch: ArchSpec) -> None:
                 f"{arch.hf_architecture}: {attr}={getattr(hf_config, attr)!r} is not supported: "
                 f"{why}"
             )
+    if arch.moe is not None:
+        moe_config_from_hf(hf_config, arch)  # raises on router settings megatron lacks
+
+
+def moe_config_from_hf(hf_config: Any, arch: ArchSpec | None = None) -> dict[str, Any]:
+    """The megatron-core ``TransformerConfig`` MoE fields of a HF MoE config ({} if dense).
+
+    Architecture fields (in ``ARCH_CONFIG_FIELDS``) plus the training defaults that follow the
+    HF model: ``moe_aux_loss_coeff`` <- ``router_aux_loss_coef`` (load balancing
+    ``aux_loss``, or none when 0), the all-to-all token dispatcher, ``moe_grouped_gemm=False``
+    (per-expert ``SequentialMLP`` weights: the same names with and without TransformerEngine).
+    Raises ValueError for router settings that megatron-core cannot reproduce.
+    """
+    arch = arch or get_arch(hf_config)
+    moe = arch.moe
+    if moe is None:
+        return {}
+    d = ModelDims.from_hf(hf_config)
+    name = arch.hf_architecture
+    topk = int(hf_config.num_experts_per_tok)
+    norm_topk = bool(getattr(hf_config, "norm_topk_prob", False))
+    if not d.num_experts or not 0 < topk <= d.num_experts:
+        raise ValueError(f"{name}: num_experts_per_tok={topk} with {d.num_experts} experts")
+    pattern = list(arch.moe_layers(hf_config))
+    if not any(pattern):
+        raise ValueError(f"{name}: no layer is a mixture-of-experts layer (moe_layer_freq "
+                         f"{pattern}); convert it as the dense architecture")
+    coeff = float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0)
+    out: dict[str, Any] = dict(
+        num_moe_experts=d.num_experts,
+        moe_router_topk=topk,
+        moe_ffn_hidden_size=d.moe_ffn_hidden_size,
+        moe_router_score_function=moe.score_function,
+        moe_layer_freq=pattern,
+        moe_grouped_gemm=False,
+        moe_token_dispatcher_type="alltoall",
+        moe_aux_loss_coeff=coeff,
+        moe_router_load_balancing_type="aux_loss" if coeff > 0 else "none",
+    )
+    if moe.score_function == "softmax":
+        # norm_topk_prob: softmax over the k selected logits == the renormalised k
+        # probabilities; otherwise the probabilities of the softmax over all experts.
+        if norm_topk and topk == 1:
+            raise ValueError(f"{name}: norm_topk_prob with num_experts_per_tok=1 (weight 1) has "
+                             "no megatron-core router equivalent")
+        out["moe_router_pre_softmax"] = not norm_topk
+    elif not norm_topk and topk > 1:
+        raise ValueError(f"{name}: norm_topk_prob=False is not supported with the sigmoid "
+                         "router (megatron-core always renormalises the top-k scores)")
+    if d.shared_expert_size:
+        out["moe_shared_expert_intermediate_size"] = d.shared_expert_size
+        out["moe_shared_expert_gate"] = moe.shared_expert_gate
+    if moe.expert_bias:
+        out["moe_router_enable_expert_bias"] = True
+    if moe.grouped_topk:
+        groups = int(getattr(hf_config, "n_group", 1) or 1)
+        group_topk = int(getattr(hf_config, "topk_group", 1) or 1)
+        if groups > 1:
+            # megatron ranks groups by the sum of their top (topk / group_topk) scores, HF by
+            # the sum of their top 2: the same only when topk / group_topk == 2.
+            if topk // group_topk != 2:
+                raise ValueError(f"{name}: n_group={groups}, topk_group={group_topk} with "
+                                 f"num_experts_per_tok={topk}: megatron-core scores groups by "
+                                 f"their top {topk // group_topk} experts, transformers by 2")
+            out.update(moe_router_num_groups=groups, moe_router_group_topk=group_topk)
+    if moe.scaling_factor:
+        factor = getattr(hf_config, moe.scaling_factor, None)
+        if factor is not None and float(factor) != 1.0:
+            out["moe_router_topk_scaling_factor"] = float(factor)
+    if moe.router_fp32:
+        out["moe_router_dtype"] = "fp32"
+    return out
 
 
 def transformer_config_from_hf(hf_config: Any, **overrides: Any):
@@ -152,7 +247,9 @@ def transformer_config_from_hf(hf_config: Any, **overrides: Any):
     d = ModelDims.from_hf(hf_config)
     tp = overrides.get("tensor_model_parallel_size", 1)
     pp = overrides.get("pipeline_model_parallel_size", 1)
-    check_parallel_sizes(hf_config, tp, pp)
+    ep = overrides.get("expert_model_parallel_size", 1)
+    etp = overrides.get("expert_tensor_parallel_size")
+    check_parallel_sizes(hf_config, tp, pp, ep, etp)
 
     kwargs: dict[str, Any] = dict(
         num_layers=d.num_layers,
@@ -174,6 +271,7 @@ def transformer_config_from_hf(hf_config: Any, **overrides: Any):
         init_method_std=float(getattr(hf_config, "initializer_range", 0.02)),
         transformer_impl=default_transformer_impl(),
     )
+    kwargs.update(moe_config_from_hf(hf_config, arch))
     kwargs.update(overrides)
     if pp > 1 and "pipeline_dtype" not in overrides:
         kwargs["pipeline_dtype"] = kwargs.get("params_dtype", torch.float32)
@@ -192,7 +290,9 @@ def check_config_matches(hf_config: Any, config: Any) -> None:
     if getattr(config, "activation_func", None) is not F.silu:
         wrong.append(f"activation_func={getattr(config, 'activation_func', None)!r} (HF: silu)")
     check_parallel_sizes(hf_config, config.tensor_model_parallel_size,
-                         config.pipeline_model_parallel_size)
+                         config.pipeline_model_parallel_size,
+                         getattr(config, "expert_model_parallel_size", 1) or 1,
+                         getattr(config, "expert_tensor_parallel_size", None))
     if wrong:
         raise ValueError(
             f"{get_arch(hf_config).hf_architecture}: TransformerConfig does not match the HF "

@@ -25,7 +25,8 @@ from megatron.core.transformer.transformer_layer import (
 
 from .spec import ArchSpec
 
-__all__ = ["SandwichNormLayerSubmodules", "SandwichNormTransformerLayer", "layer_spec"]
+__all__ = ["SandwichNormLayerSubmodules", "SandwichNormTransformerLayer", "block_spec",
+           "layer_spec"]
 
 
 @dataclasses.dataclass
@@ -86,9 +87,12 @@ class SandwichNormTransformerLayer(TransformerLayer):
         return _norm_then(self._inner_mlp_bda(training, fused), self.post_mlp_layernorm)
 
 
-def layer_spec(arch: ArchSpec, *, te: bool) -> ModuleSpec:
+def layer_spec(arch: ArchSpec, *, te: bool, num_experts: int | None = None) -> ModuleSpec:
     """The transformer layer spec for ``arch``: TransformerEngine modules if ``te`` (input and
-    pre-MLP norms fused into ``linear_qkv`` / ``linear_fc1``), else megatron's local modules."""
+    pre-MLP norms fused into ``linear_qkv`` / ``linear_fc1``), else megatron's local modules.
+    ``num_experts``: megatron's own MoE layer (router, ``SequentialMLP`` experts, shared
+    experts when the config asks for them) instead of the dense MLP."""
+    moe = dict(num_experts=num_experts, moe_grouped_gemm=False) if num_experts else {}
     if te:
         from .config import te_available
 
@@ -102,14 +106,15 @@ def layer_spec(arch: ArchSpec, *, te: bool) -> ModuleSpec:
             get_gpt_layer_with_transformer_engine_submodules,
         )
 
-        sub = get_gpt_layer_with_transformer_engine_submodules(qk_layernorm=arch.qk_layernorm)
+        sub = get_gpt_layer_with_transformer_engine_submodules(qk_layernorm=arch.qk_layernorm,
+                                                               **moe)
         norm = TESpecProvider().layer_norm(rms_norm=True)
     else:
         from megatron.core.models.backends import LocalSpecProvider
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
 
         sub = get_gpt_layer_local_submodules(qk_layernorm=arch.qk_layernorm,
-                                             normalization="RMSNorm")
+                                             normalization="RMSNorm", **moe)
         norm = LocalSpecProvider().layer_norm(rms_norm=True)
     if not arch.sandwich_norms:
         return ModuleSpec(module=TransformerLayer, submodules=sub)
@@ -120,3 +125,36 @@ def layer_spec(arch: ArchSpec, *, te: bool) -> ModuleSpec:
             **fields, post_self_attn_layernorm=norm, post_mlp_layernorm=norm
         ),
     )
+
+
+def block_spec(arch: ArchSpec, config: Any, *, te: bool, vp_stage: int | None = None,
+               pp_rank: int | None = None):
+    """What ``GPTModel`` takes as its layer spec: for dense architectures :func:`layer_spec`;
+    for MoE ones a ``TransformerBlockSubmodules`` with this pipeline stage's layers, a MoE layer
+    where ``config.moe_layer_freq`` says 1 and the dense layer elsewhere (as megatron's
+    ``get_gpt_decoder_block_spec``, whose local variant lacks the RMSNorm choice here)."""
+    if arch.moe is None or not config.num_moe_experts:
+        return layer_spec(arch, te=te)
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    dense = layer_spec(arch, te=te)
+    moe = layer_spec(arch, te=te, num_experts=config.num_moe_experts)
+    pattern = config.moe_layer_freq
+    if isinstance(pattern, int):
+        pattern = [int(i % pattern == 0) for i in range(config.num_layers)]
+    specs = [moe if p else dense for p in pattern]
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    if te:
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        norm = TESpecProvider().layer_norm(rms_norm=True, for_qk=False)
+    else:
+        from megatron.core.models.backends import LocalSpecProvider
+
+        norm = LocalSpecProvider().layer_norm(rms_norm=True, for_qk=False)
+    return TransformerBlockSubmodules(layer_specs=specs[offset:offset + count], layer_norm=norm)

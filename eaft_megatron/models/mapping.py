@@ -38,6 +38,7 @@ from .transforms import fill_layer
 
 __all__ = [
     "TE_RENAMES",
+    "fill_names",
     "hf_names",
     "hf_to_megatron",
     "megatron_names",
@@ -56,57 +57,88 @@ TE_RENAMES = {
 Getter = Callable[[str], torch.Tensor]
 
 
-def to_te_name(name: str) -> str:
-    """The TransformerEngine-spec name of a local-spec Megatron parameter name."""
+def to_te_name(name: str, *, moe_layer: bool = False) -> str:
+    """The TransformerEngine-spec name of a local-spec Megatron parameter name.
+
+    In a MoE layer the pre-MLP norm stays a separate module (no fused linear follows it)."""
     prefix, _, leaf = name.rpartition(".layers.")
     if prefix:
         index, _, rest = leaf.partition(".")
+        if moe_layer and rest == "pre_mlp_layernorm.weight":
+            return name
         if rest in TE_RENAMES:
             return f"{prefix}.layers.{index}.{TE_RENAMES[rest]}"
     return name
 
 
-def _steps(arch: ArchSpec, hf_config: Any) -> Iterator[tuple[Mapping, int | None]]:
-    """(mapping, layer) in conversion order: leading whole-model rows, layers, the rest."""
+Step = tuple[Mapping, int | None, int | None]
+
+
+def _steps(arch: ArchSpec, hf_config: Any) -> Iterator[Step]:
+    """(mapping, layer, expert) in conversion order: leading whole-model rows, then layer by
+    layer (per-expert rows once per routed expert, ``dense`` / ``moe`` rows only in layers of
+    that kind), the rest."""
     maps = arch.active_mappings(hf_config)
     first = next((i for i, m in enumerate(maps) if m.per_layer), len(maps))
     for m in maps[:first]:
-        yield m, None
-    for layer in range(ModelDims.from_hf(hf_config).num_layers):
+        yield m, None, None
+    dims = ModelDims.from_hf(hf_config)
+    for layer, moe in enumerate(arch.moe_layers(hf_config)):
         for m in maps:
-            if m.per_layer:
-                yield m, layer
+            if not m.per_layer or (m.when == "dense" and moe) or (m.when == "moe" and not moe):
+                continue
+            for expert in (range(dims.num_experts) if m.per_expert else (None,)):
+                yield m, layer, expert
     for m in maps[first:]:
         if not m.per_layer:
-            yield m, None
+            yield m, None, None
 
 
-def _name(m: Mapping, layer: int | None, te: bool) -> str:
-    name = fill_layer(m.megatron, layer)
-    return to_te_name(name) if te else name
+def fill_names(template: str, layer: int | None, expert: int | None = None) -> str:
+    """Fill a name template's layer (and expert) placeholders."""
+    if expert is None:
+        return fill_layer(template, layer)
+    if template.count("{}") != 2 or layer is None:
+        raise ValueError(f"name template {template!r} needs a layer and an expert index")
+    return template.format(layer, expert)
+
+
+def _name(m: Mapping, layer: int | None, te: bool, expert: int | None = None,
+          moe_layer: bool = False) -> str:
+    name = fill_names(m.megatron, layer, expert)
+    return to_te_name(name, moe_layer=moe_layer) if te else name
 
 
 def _te(te: bool | None) -> bool:
     return te_available() if te is None else te
 
 
+def _named_steps(arch: ArchSpec, hf_config: Any, te: bool
+                 ) -> Iterator[tuple[Mapping, int | None, int | None, str]]:
+    moe = arch.moe_layers(hf_config)
+    for m, layer, expert in _steps(arch, hf_config):
+        is_moe = layer is not None and bool(moe[layer])
+        yield m, layer, expert, _name(m, layer, te, expert, is_moe)
+
+
 def hf_names(arch: ArchSpec, hf_config: Any) -> list[str]:
     """Every HF tensor name :func:`hf_to_megatron` reads (tied models: no ``lm_head.weight``)."""
-    return [fill_layer(h, layer) for m, layer in _steps(arch, hf_config) for h in m.hf]
+    return [fill_names(h, layer, expert) for m, layer, expert in _steps(arch, hf_config)
+            for h in m.hf]
 
 
 def megatron_names(arch: ArchSpec, hf_config: Any, *, te: bool | None = None) -> list[str]:
-    """Every parameter name of the TP=1/PP=1 model, in the order the converters yield them."""
-    te = _te(te)
-    return [_name(m, layer, te) for m, layer in _steps(arch, hf_config)]
+    """Every parameter (and persistent buffer, e.g. the router's ``expert_bias``) name of the
+    TP=1/PP=1 model, in the order the converters yield them."""
+    return [name for *_, name in _named_steps(arch, hf_config, _te(te))]
 
 
 def megatron_shapes(arch: ArchSpec, hf_config: Any, *, padded_vocab: int,
                     te: bool | None = None) -> dict[str, tuple[int, ...]]:
     """Full (TP=1) shape of every Megatron parameter, keyed like :func:`megatron_names`."""
-    te, dims = _te(te), ModelDims.from_hf(hf_config)
-    return {_name(m, layer, te): MEGATRON_SHAPES[m.megatron](dims, padded_vocab)
-            for m, layer in _steps(arch, hf_config)}
+    dims = ModelDims.from_hf(hf_config)
+    return {name: MEGATRON_SHAPES[m.megatron](dims, padded_vocab)
+            for m, _, _, name in _named_steps(arch, hf_config, _te(te))}
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -123,12 +155,11 @@ def hf_to_megatron(arch: ArchSpec, hf_config: Any, get: Getter, *, padded_vocab:
     te, dims = _te(te), ModelDims.from_hf(hf_config)
     if padded_vocab < dims.vocab_size:
         raise ValueError(f"padded_vocab={padded_vocab} < vocab_size={dims.vocab_size}")
-    for m, layer in _steps(arch, hf_config):
-        name = _name(m, layer, te)
+    for m, layer, expert, name in _named_steps(arch, hf_config, te):
         expected = MEGATRON_SHAPES[m.megatron](dims, padded_vocab)
         tensors = []
         for template, shape in zip(m.hf, m.hf_shapes(expected, dims)):
-            hf_name = fill_layer(template, layer)
+            hf_name = fill_names(template, layer, expert)
             t = get(hf_name)
             if _shape(t) != shape:
                 raise ValueError(
@@ -149,8 +180,7 @@ def megatron_to_hf(arch: ArchSpec, hf_config: Any, get: Getter, *, te: bool | No
     only when the HF config is untied. Raises ValueError naming the tensor and both shapes.
     """
     te, dims = _te(te), ModelDims.from_hf(hf_config)
-    for m, layer in _steps(arch, hf_config):
-        name = _name(m, layer, te)
+    for m, layer, expert, name in _named_steps(arch, hf_config, te):
         t = get(name)
         padded = t.shape[0] if isinstance(m, VocabRows) and t.shape[0] >= dims.vocab_size else \
             dims.vocab_size
@@ -160,4 +190,4 @@ def megatron_to_hf(arch: ArchSpec, hf_config: Any, get: Getter, *, te: bool | No
                 expected = f"(>= {dims.vocab_size}, {', '.join(map(str, expected[1:]))})"
             raise ValueError(f"Megatron tensor {name!r} has shape {_shape(t)}, expected {expected}")
         for template, out in zip(m.hf, m.to_hf(t, dims)):
-            yield fill_layer(template, layer), out
+            yield fill_names(template, layer, expert), out

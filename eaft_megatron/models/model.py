@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import check_config_matches, gpt_model_kwargs, transformer_config_from_hf
-from .layers import layer_spec
+from .layers import block_spec
 from .registry import get_arch
 
 __all__ = ["build_gpt_model"]
@@ -63,7 +63,7 @@ def build_gpt_model(
     te = config.transformer_impl == "transformer_engine"
     return GPTModel(
         config,
-        layer_spec(arch, te=te),
+        block_spec(arch, config, te=te, vp_stage=vp_stage),
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,

@@ -1,7 +1,7 @@
 """HF ``architectures[0]`` -> :class:`~eaft_megatron.models.spec.ArchSpec`.
 
-To add an architecture (e.g. Qwen3-MoE, GLM-4.5), write its table in its own file next to
-``qwen3.py`` and list it in ``ARCHITECTURES``; ``spec.py``'s docstring says what MoE adds.
+To add an architecture, write its table in its own file next to ``qwen3.py`` and list it in
+``ARCHITECTURES``; ``spec.py``'s docstring says what MoE adds.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from .glm import GLM
 from .glm4 import GLM4
 from .qwen2 import QWEN2
 from .qwen3 import QWEN3
+from .qwen3_moe import QWEN3_MOE
 from .spec import ArchSpec
 
 __all__ = ["ARCHITECTURES", "get_arch"]
 
-ARCHITECTURES: dict[str, ArchSpec] = {a.hf_architecture: a for a in (QWEN2, QWEN3, GLM, GLM4)}
+ARCHITECTURES: dict[str, ArchSpec] = {
+    a.hf_architecture: a for a in (QWEN2, QWEN3, GLM, GLM4, QWEN3_MOE)}
 
 
 def get_arch(hf_config: Any) -> ArchSpec:

@@ -12,12 +12,12 @@ TP=1/PP=1; the TransformerEngine names differ only where TE fuses a norm into th
 (see ``mapping.TE_RENAMES``). Mapping kinds know how to turn their HF tensors into the Megatron
 tensor and back (through the pure helpers in ``transforms.py``) and which shapes to expect.
 
-Extending to Mixture-of-Experts (Qwen3-MoE, GLM-4.5): add ``qwen3_moe.py`` / ``glm4_moe.py``
-with their tables and register them in ``registry.py``; per-expert tensors get a mapping kind
-here whose templates carry a second ``{}`` (the expert index), the router / expert shapes go
-into ``MEGATRON_SHAPES``, and ``ArchSpec`` grows an ``moe`` field that ``config.py`` turns into
-``num_moe_experts`` / ``moe_router_topk`` / ``moe_ffn_hidden_size`` (GLM-4.5's leading dense
-layers -> ``moe_layer_freq``) and ``layers.py`` into ``num_experts=`` of Megatron's spec builders.
+Mixture-of-Experts (``qwen3_moe.py``, ``qwen2_moe.py``, ``glm4_moe.py``): an :class:`MoESpec`
+in ``ArchSpec.moe`` says how the HF config names the router settings (``config.py`` turns them
+into megatron-core's ``num_moe_experts`` / ``moe_router_*`` / ``moe_layer_freq`` fields and
+``layers.py`` into megatron's own MoE layer spec). Per-expert rows carry a second ``{}`` (the
+expert index) on both sides and are repeated for every expert; rows with ``when="dense"`` /
+``when="moe"`` apply only to the dense / MoE layers of ``MoESpec.layer_pattern``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ __all__ = [
     "ArchSpec",
     "FusedQKV",
     "GatedMLP",
+    "LAYER_CONDITIONS",
     "MEGATRON_SHAPES",
+    "MoESpec",
     "Mapping",
     "ModelDims",
     "Rename",
@@ -56,10 +58,21 @@ class ModelDims:
     """Per-head size; Qwen3 and GLM set it explicitly (not hidden_size / heads)."""
     vocab_size: int
     """The HF (real) vocabulary; Megatron's is padded to a multiple of 128 x tp."""
+    num_experts: int = 0
+    """Routed experts per MoE layer (0: a dense model)."""
+    moe_ffn_hidden_size: int = 0
+    """Intermediate size of one routed expert."""
+    shared_expert_size: int = 0
+    """Intermediate size of the (fused) shared expert; 0 when there is none."""
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> ModelDims:
         heads = hf_config.num_attention_heads
+        experts = getattr(hf_config, "num_experts", None) or \
+            getattr(hf_config, "n_routed_experts", None) or 0
+        moe_ffn = getattr(hf_config, "moe_intermediate_size", None) or 0
+        shared = getattr(hf_config, "shared_expert_intermediate_size", None) or \
+            moe_ffn * (getattr(hf_config, "n_shared_experts", None) or 0)
         return cls(
             num_layers=hf_config.num_hidden_layers,
             hidden_size=hf_config.hidden_size,
@@ -68,6 +81,9 @@ class ModelDims:
             num_query_groups=getattr(hf_config, "num_key_value_heads", None) or heads,
             head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
             vocab_size=hf_config.vocab_size,
+            num_experts=int(experts),
+            moe_ffn_hidden_size=int(moe_ffn),
+            shared_expert_size=int(shared),
         )
 
     @property
@@ -94,7 +110,22 @@ MEGATRON_SHAPES: dict[str, Callable[[ModelDims, int], Shape]] = {
         2 * d.ffn_hidden_size, d.hidden_size),
     "decoder.layers.{}.mlp.linear_fc2.weight": lambda d, v: (d.hidden_size, d.ffn_hidden_size),
     "decoder.layers.{}.post_mlp_layernorm.weight": lambda d, v: (d.hidden_size,),
+    # Mixture of experts (megatron's MoELayer with SequentialMLP experts; {} {} = layer, expert)
+    "decoder.layers.{}.mlp.router.weight": lambda d, v: (d.num_experts, d.hidden_size),
+    "decoder.layers.{}.mlp.router.expert_bias": lambda d, v: (d.num_experts,),
+    "decoder.layers.{}.mlp.experts.local_experts.{}.linear_fc1.weight": lambda d, v: (
+        2 * d.moe_ffn_hidden_size, d.hidden_size),
+    "decoder.layers.{}.mlp.experts.local_experts.{}.linear_fc2.weight": lambda d, v: (
+        d.hidden_size, d.moe_ffn_hidden_size),
+    "decoder.layers.{}.mlp.shared_experts.linear_fc1.weight": lambda d, v: (
+        2 * d.shared_expert_size, d.hidden_size),
+    "decoder.layers.{}.mlp.shared_experts.linear_fc2.weight": lambda d, v: (
+        d.hidden_size, d.shared_expert_size),
+    "decoder.layers.{}.mlp.shared_experts.gate_weight": lambda d, v: (1, d.hidden_size),
 }
+
+# ``when`` conditions decided per layer (the others are per model, see ArchSpec.flags).
+LAYER_CONDITIONS = ("dense", "moe")
 
 
 @dataclass(frozen=True)
@@ -121,6 +152,11 @@ class Mapping:
     @property
     def per_layer(self) -> bool:
         return "{}" in self.megatron
+
+    @property
+    def per_expert(self) -> bool:
+        """Whether the row is repeated for every routed expert (a second ``{}``)."""
+        return self.megatron.count("{}") == 2
 
     def hf_shapes(self, megatron_shape: Shape, dims: ModelDims) -> tuple[Shape, ...]:
         """Expected shape of each HF tensor, given the Megatron tensor's."""
@@ -206,6 +242,42 @@ class GatedMLP(Mapping):
         return split_gated(t)
 
 
+def _qwen_moe_layers(hf_config: Any) -> list[int]:
+    """Qwen2-MoE / Qwen3-MoE: layer i is sparse unless listed in ``mlp_only_layers``, and
+    only every ``decoder_sparse_step``-th layer is (as transformers' decoder layer decides)."""
+    step = getattr(hf_config, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(hf_config, "mlp_only_layers", None) or ())
+    return [int(i not in dense and (i + 1) % step == 0)
+            for i in range(hf_config.num_hidden_layers)]
+
+
+def _first_k_dense_layers(hf_config: Any) -> list[int]:
+    """GLM-4.5: the first ``first_k_dense_replace`` layers are dense, the rest MoE."""
+    k = getattr(hf_config, "first_k_dense_replace", 0) or 0
+    return [int(i >= k) for i in range(hf_config.num_hidden_layers)]
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """How a HF MoE config names its router settings (megatron-core field <- HF attribute)."""
+
+    score_function: str = "softmax"
+    """``softmax`` (Qwen: over all experts, then top-k) or ``sigmoid`` (GLM-4.5)."""
+    layer_pattern: Callable[[Any], list[int]] = _qwen_moe_layers
+    """HF config -> megatron ``moe_layer_freq`` list (1 = MoE layer, 0 = dense)."""
+    shared_expert_gate: bool = False
+    """Qwen2-MoE's sigmoid gate on the shared expert (``shared_expert_gate.weight`` [1, h])."""
+    expert_bias: bool = False
+    """Aux-loss-free routing bias (GLM-4.5's ``e_score_correction_bias``) ->
+    ``moe_router_enable_expert_bias``."""
+    grouped_topk: bool = False
+    """``n_group`` / ``topk_group`` -> ``moe_router_num_groups`` / ``moe_router_group_topk``."""
+    scaling_factor: str | None = None
+    """HF attribute of the routed-output scale (GLM: ``routed_scaling_factor``)."""
+    router_fp32: bool = False
+    """The HF router computes its logits in fp32 whatever the model dtype (GLM-4.5)."""
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """One HF architecture: the flags that shape the Megatron model, and its mapping table."""
@@ -227,6 +299,12 @@ class ArchSpec:
     """Fraction of each head that is rotated, when the HF config does not say (GLM: 0.5)."""
     unsupported: tuple[tuple[str, str], ...] = ()
     """(HF config attribute, reason): a truthy value is rejected with the reason."""
+    moe: MoESpec | None = None
+    """Mixture-of-experts settings; None for dense architectures."""
+    extra_hf_layers: str | None = None
+    """HF config attribute counting decoder layers stored after ``num_hidden_layers`` that the
+    Megatron model does not hold (GLM-4.5's ``num_nextn_predict_layers`` MTP layers): the
+    converter carries them through in a side file (``convert.py``)."""
 
     def __post_init__(self):
         for m in self.mappings:
@@ -235,7 +313,7 @@ class ArchSpec:
                     f"{self.hf_architecture}: no shape rule for Megatron name {m.megatron!r}; "
                     "add it to spec.MEGATRON_SHAPES"
                 )
-            if m.when not in (None, "qkv_bias", "untied"):
+            if m.when not in (None, "qkv_bias", "untied", *LAYER_CONDITIONS):
                 raise ValueError(f"{self.hf_architecture}: unknown mapping condition {m.when!r}")
 
     def flags(self, hf_config: Any) -> dict[str, bool]:
@@ -246,6 +324,15 @@ class ArchSpec:
         return dict(qkv_bias=bool(qkv_bias),
                     untied=not getattr(hf_config, "tie_word_embeddings", False))
 
+    def moe_layers(self, hf_config: Any) -> list[int]:
+        """Per layer: 1 for a MoE layer, 0 for a dense one (all 0 without ``moe``)."""
+        if self.moe is None:
+            return [0] * hf_config.num_hidden_layers
+        return self.moe.layer_pattern(hf_config)
+
     def active_mappings(self, hf_config: Any) -> list[Mapping]:
+        """The rows that apply to this config; per-layer conditions (``dense`` / ``moe``)
+        are kept here and decided layer by layer (``mapping._steps``)."""
         flags = self.flags(hf_config)
-        return [m for m in self.mappings if m.when is None or flags[m.when]]
+        return [m for m in self.mappings
+                if m.when is None or m.when in LAYER_CONDITIONS or flags[m.when]]

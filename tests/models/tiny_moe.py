@@ -1,0 +1,73 @@
+"""Tiny random mixture-of-experts HF models whose routers really route.
+
+8 experts, top-2 (several experts per token), router weights drawn large enough that the
+softmax is far from uniform (uneven expert load), every other tensor random too (norms and
+biases included). The tensors are those ``save_pretrained`` writes: one per expert
+(transformers >= 5 fuses experts in memory and splits them again on save).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file
+
+BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, vocab_size=300)
+
+MOE_CASES = {
+    # layer 1 dense (mlp_only_layers): moe_layer_freq [1, 0, 1, 1]
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        architectures=["Qwen3MoeForCausalLM"], head_dim=24, rope_theta=1e6, rms_norm_eps=1e-6,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        mlp_only_layers=[1], router_aux_loss_coef=0.01, tie_word_embeddings=False, **BASE),
+}
+
+
+def randomize_moe_(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name:
+                p.copy_(1 + 0.3 * noise)
+            elif name.endswith(".bias") or "embed" in name:
+                p.copy_(0.3 * noise)
+            elif name.endswith("mlp.gate.weight"):  # router: peaked, uneven routing
+                p.copy_(3 * noise / p.shape[-1] ** 0.5)
+            else:  # linear [out, in] or fused experts [E, out, in]
+                p.copy_(noise / p.shape[-1] ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+
+
+def build_moe(case: str, directory: Path, seed: int = 0):
+    """Save a tiny random model of ``case`` to ``directory``; return (config, model, tensors
+    as saved)."""
+    config = MOE_CASES[case]()
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, attn_implementation="eager", dtype=torch.float32)
+    randomize_moe_(model, seed)
+    model.eval()
+    model.save_pretrained(directory)
+    (Path(directory) / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
+    return config, model, read_saved(Path(directory))
+
+
+def read_saved(directory: Path) -> dict[str, torch.Tensor]:
+    import json
+
+    index = directory / "model.safetensors.index.json"
+    if not index.exists():
+        return load_file(directory / "model.safetensors")
+    out = {}
+    for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        out.update(load_file(directory / f))
+    return out
+
+
+def tokens(vocab_size: int, batch: int = 2, seq: int = 12) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(3))
