@@ -161,7 +161,8 @@ def _batch_major(out: Any, with_stats: bool) -> torch.Tensor:
     loss, stats = out if with_stats else (out, None)
     loss = loss.transpose(0, 1).contiguous()
     if stats is not None:
-        loss.eaft_stats = EAFTTokenStats(*(t.transpose(0, 1) for t in stats))
+        loss.eaft_stats = EAFTTokenStats(*(None if t is None else t.transpose(0, 1)
+                                           for t in stats))
     return loss
 
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from .gates import validate_gate_options
 from .vocab_parallel import (
+    MAX_TOP_TOKEN_VOCAB,
     EAFTTokenStats,
     _all_gather_partials,
     _group_rank_size,
@@ -65,7 +66,8 @@ def _gather_sequence(hidden: torch.Tensor, group, world: int) -> torch.Tensor:
 class _FusedLinearEAFT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, loss_type, top_k, alpha, entropy_mode,
-                ignore_index, group, sequence_parallel, chunk_tokens, need_entropy, vocab_size):
+                ignore_index, group, sequence_parallel, chunk_tokens, need_entropy, vocab_size,
+                want_top=False):
         rank, world = _group_rank_size(group)
         sp = sequence_parallel and world > 1
         full_hidden = _gather_sequence(hidden, group, world) if sp else hidden
@@ -78,12 +80,14 @@ class _FusedLinearEAFT(torch.autograd.Function):
                                                  ignore_index=ignore_index)
         want_full = need_entropy and entropy_mode == "full"
         k_local = min(top_k, vocab_local) if need_entropy and entropy_mode == "topk" else 0
-        columns = partial_columns(full=want_full, k_local=k_local)
+        columns = partial_columns(full=want_full, k_local=k_local, top=want_top)
+        top_offset = rank * vocab_local if want_top else None
         # Padded vocabulary rows (ids >= vocab_size) on this rank: excluded from the softmax.
         first_padded = vocab_local if vocab_size is None else max(vocab_size - rank * vocab_local, 0)
 
         f32 = dict(dtype=torch.float32, device=device)
         out = {k: torch.zeros(n_tokens, **f32) for k in ("loss", "ce", "prob", "ent", "w", "lse")}
+        top_token = torch.full((n_tokens,), -1, dtype=torch.int64, device=device)
         grad_hidden = torch.empty(n_tokens, h2.shape[1], **f32)
         grad_weight = torch.zeros(weight.shape, **f32)
         chunk = max(1, min(chunk_tokens, n_tokens))  # no tokens: no chunk, zero gradients
@@ -99,10 +103,11 @@ class _FusedLinearEAFT(torch.autograd.Function):
             part[:, 2] = logits.gather(1, local_index[c0:c1, None]).squeeze(1)
             part[:, 2].masked_fill_(~owned[c0:c1], 0.0)
             b = buf[: c1 - c0]
-            local_partials(logits, b, part, k_local=k_local, full=want_full, scratch=scratch)
+            local_partials(logits, b, part, k_local=k_local, full=want_full, scratch=scratch,
+                           top_offset=top_offset)
             del logits
             merged = merge_partials(_all_gather_partials(part, group, world), rank=rank,
-                                    full=want_full, k_local=k_local, top_k=top_k)
+                                    full=want_full, k_local=k_local, top_k=top_k, top=want_top)
             w, loss = weighted_loss(merged, valid[c0:c1], loss_type=loss_type, top_k=top_k,
                                     alpha=alpha)
             out["loss"][c0:c1] = loss
@@ -112,6 +117,8 @@ class _FusedLinearEAFT(torch.autograd.Function):
             out["lse"][c0:c1] = merged.log_sum_exp
             if merged.entropy is not None:
                 out["ent"][c0:c1] = merged.entropy
+            if merged.top_token is not None:
+                top_token[c0:c1] = torch.where(valid[c0:c1], merged.top_token, -1)
             # dz for an upstream gradient of 1: w * (softmax - onehot), formed in place in b
             b.mul_((w * merged.softmax_scale)[:, None])
             rows = owned[c0:c1].nonzero().squeeze(1)
@@ -124,9 +131,9 @@ class _FusedLinearEAFT(torch.autograd.Function):
         zero = torch.zeros((), **f32)
         stats = [torch.where(valid, out[k], zero).view(target.shape)
                  for k in ("ce", "prob", "ent")]
-        ctx.mark_non_differentiable(*stats, out["w"], valid)
+        ctx.mark_non_differentiable(*stats, out["w"], valid, top_token)
         return (out["loss"].view(target.shape), *stats, out["w"].view(target.shape),
-                valid.view(target.shape))
+                valid.view(target.shape), top_token.view(target.shape))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -154,7 +161,7 @@ class _FusedLinearEAFT(torch.autograd.Function):
                 grad_hidden = out
             else:
                 dist.all_reduce(grad_hidden, group=ctx.group)
-        return (grad_hidden.view(hidden.shape), grad_weight.to(weight.dtype)) + (None,) * 11
+        return (grad_hidden.view(hidden.shape), grad_weight.to(weight.dtype)) + (None,) * 12
 
 
 def _accumulate_grads(dz: torch.Tensor, hc: torch.Tensor, weight: torch.Tensor,
@@ -248,10 +255,13 @@ def fused_linear_eaft_cross_entropy(
     elif chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     need_entropy = loss_type == "eaft" or return_stats
-    loss, ce, prob, ent, w, mask = _FusedLinearEAFT.apply(
+    if return_stats and weight.shape[0] * world > MAX_TOP_TOKEN_VOCAB:
+        raise ValueError(f"return_stats supports vocabularies up to {MAX_TOP_TOKEN_VOCAB} ids "
+                         f"(top_token travels as float32), got {weight.shape[0] * world}")
+    loss, ce, prob, ent, w, mask, top = _FusedLinearEAFT.apply(
         hidden, weight, target.long(), loss_type, top_k, float(alpha), entropy, ignore_index,
-        group, sequence_parallel, chunk_tokens, need_entropy, vocab_size)
+        group, sequence_parallel, chunk_tokens, need_entropy, vocab_size, return_stats)
     if return_stats:
         return loss, EAFTTokenStats(cross_entropy=ce, target_prob=prob, entropy=ent, weight=w,
-                                    mask=mask)
+                                    mask=mask, top_token=top)
     return loss

@@ -64,6 +64,10 @@ class EAFTTokenStats(NamedTuple):
     entropy: torch.Tensor  # H_t used by the gate
     weight: torch.Tensor  # w_t applied to CE_t (1 for sft)
     mask: torch.Tensor  # bool, True where the token is supervised (target != ignore_index)
+    top_token: torch.Tensor | None = None  # int64 argmax_v z_t,v: the model's most likely
+    # token over the whole vocabulary (first one on ties, as torch.argmax), -1 where ignored;
+    # from the same all-gather (one more partial column); None from callers that built the
+    # statistics without it
 
 
 def _resolve_tp_group(tp_group):
@@ -130,27 +134,39 @@ class MergedPartials(NamedTuple):
     entropy: torch.Tensor | None  # [N] H_t for the gate (None if not asked for)
     softmax_scale: torch.Tensor  # [N] exp(m_r - M) / S: softmax = exp(z - m_r) * scale here
     log_sum_exp: torch.Tensor  # [N] log sum_v exp(z_v) over the whole vocabulary
+    top_token: torch.Tensor | None = None  # [N] int64 global argmax (when asked for)
 
 
-def partial_columns(*, full: bool, k_local: int) -> int:
+# Global token ids travel as float32 in the partials: exact below 2**24.
+MAX_TOP_TOKEN_VOCAB = 1 << 24
+
+
+def partial_columns(*, full: bool, k_local: int, top: bool = False) -> int:
     """Columns of the per-token partials: 0 local max m_r, 1 s_r = sum exp(z - m_r) - 1,
     2 label logit (0 where this rank does not own the label), [3 sum exp(z - m_r) (z - m_r) for
-    full entropy], then the k_local largest logits."""
-    return (4 if full else 3) + k_local
+    full entropy], then the k_local largest logits, [then the local argmax as a global id]."""
+    return (4 if full else 3) + k_local + int(top)
 
 
 def local_partials(chunk: torch.Tensor, buf: torch.Tensor, part: torch.Tensor, *, k_local: int,
-                   full: bool, scratch: torch.Tensor | None) -> None:
+                   full: bool, scratch: torch.Tensor | None, top_offset: int | None = None
+                   ) -> None:
     """One row chunk: fill ``part`` (all columns but the label's) and ``buf = exp(z - m_r)``.
 
     ``chunk`` [n, V_l] is read in its own dtype (max and top-k are exact on it); ``buf`` [n, V_l]
     fp32 receives the exponentials; ``scratch`` (fp32, at least [n, V_l]) is needed for
-    ``full``.
+    ``full``. ``top_offset``: this rank's first global id; when given, the last column receives
+    the local argmax (first maximum) as a global id (same pass as the max).
     """
     col_topk = 4 if full else 3
     if k_local:
-        part[:, col_topk:] = chunk.topk(k_local, dim=1, sorted=False).values
-    row_max = chunk.amax(dim=1, keepdim=True).to(torch.float32)
+        part[:, col_topk:col_topk + k_local] = chunk.topk(k_local, dim=1, sorted=False).values
+    if top_offset is None:
+        row_max = chunk.amax(dim=1, keepdim=True).to(torch.float32)
+    else:
+        values, index = chunk.max(dim=1, keepdim=True)
+        row_max = values.to(torch.float32)
+        part[:, -1] = (index.squeeze(1) + top_offset).to(torch.float32)
     part[:, 0] = row_max.squeeze(1)
     # A row whose logits here are all -inf (a masked shard) keeps m_r = -inf in the partials
     # (weight exp(m_r - M) = 0 in the merge) but is shifted by 0, so exp gives 0 instead of NaN.
@@ -173,9 +189,11 @@ def local_partials(chunk: torch.Tensor, buf: torch.Tensor, part: torch.Tensor, *
 
 
 def merge_partials(gathered: torch.Tensor, *, rank: int, full: bool, k_local: int,
-                   top_k: int) -> MergedPartials:
+                   top_k: int, top: bool = False) -> MergedPartials:
     """Every rank's partials [world, N, C] -> per-token CE, p(label), entropy (identical on all
-    ranks), and this rank's softmax scale."""
+    ranks), this rank's softmax scale and, with ``top``, the global argmax: the local argmax of
+    the rank holding the global max (the lowest such rank on ties: the lowest id, as
+    ``torch.argmax`` over the whole vocabulary)."""
     n_tokens = gathered.shape[1]
     local_max = gathered[..., 0]
     global_max, max_rank = local_max.max(dim=0)
@@ -196,11 +214,15 @@ def merge_partials(gathered: torch.Tensor, *, rank: int, full: bool, k_local: in
         entropy = log_sum_exp_shifted - shifted.sum(dim=0) / sum_exp
     elif k_local:
         world = gathered.shape[0]
-        candidates = gathered[..., 3:].permute(1, 0, 2).reshape(n_tokens, world * k_local)
+        candidates = gathered[..., 3:3 + k_local].permute(1, 0, 2).reshape(n_tokens,
+                                                                            world * k_local)
         k = min(top_k, candidates.shape[1])
         entropy = _entropy_of_sorted_logits(candidates.topk(k, dim=1, sorted=True).values)
+    top_token = None
+    if top:
+        top_token = gathered[..., -1].gather(0, max_rank.unsqueeze(0)).squeeze(0).to(torch.int64)
     return MergedPartials(cross_entropy, torch.exp(-cross_entropy), entropy,
-                          rescale[rank] / sum_exp, global_max + log_sum_exp_shifted)
+                          rescale[rank] / sum_exp, global_max + log_sum_exp_shifted, top_token)
 
 
 def weighted_loss(merged: MergedPartials, valid: torch.Tensor, *, loss_type: str, top_k: int,
@@ -227,6 +249,7 @@ class _VocabParallelEAFT(torch.autograd.Function):
         group,
         need_entropy: bool,
         chunk_rows: int,
+        want_top: bool = False,
     ):
         rank, world = _group_rank_size(group)
         vocab_local = logits.shape[-1]
@@ -241,8 +264,10 @@ class _VocabParallelEAFT(torch.autograd.Function):
         want_topk = need_entropy and entropy_mode == "topk"
         want_full = need_entropy and entropy_mode == "full"
         k_local = min(top_k, vocab_local) if want_topk else 0
-        partials = torch.zeros(n_tokens, partial_columns(full=want_full, k_local=k_local),
+        partials = torch.zeros(n_tokens, partial_columns(full=want_full, k_local=k_local,
+                                                         top=want_top),
                                dtype=torch.float32, device=device)
+        top_offset = rank * vocab_local if want_top else None
 
         work = torch.empty(n_tokens, vocab_local, dtype=torch.float32, device=device)
         scratch = (
@@ -256,12 +281,12 @@ class _VocabParallelEAFT(torch.autograd.Function):
         for r0 in range(0, n_tokens, chunk_rows):
             r1 = min(r0 + chunk_rows, n_tokens)
             local_partials(logits_2d[r0:r1], work[r0:r1], partials[r0:r1], k_local=k_local,
-                           full=want_full, scratch=scratch)
+                           full=want_full, scratch=scratch, top_offset=top_offset)
         del scratch
 
         gathered = _all_gather_partials(partials, group, world)  # [world, N, C]
         merged = merge_partials(gathered, rank=rank, full=want_full, k_local=k_local,
-                                top_k=top_k)
+                                top_k=top_k, top=want_top)
         weight, loss = weighted_loss(merged, valid, loss_type=loss_type, top_k=top_k,
                                      alpha=alpha)
         cross_entropy, target_prob, entropy = merged.cross_entropy, merged.target_prob, \
@@ -278,7 +303,12 @@ class _VocabParallelEAFT(torch.autograd.Function):
         stats_entropy = torch.where(valid, entropy, zero) if entropy is not None else None
         if stats_entropy is None:
             stats_entropy = torch.zeros_like(stats_prob)
-        ctx.mark_non_differentiable(stats_ce, stats_prob, stats_entropy, weight, valid)
+        if merged.top_token is not None:
+            top_token = torch.where(valid, merged.top_token, -1)
+        else:
+            top_token = torch.full_like(target_1d, -1)
+        ctx.mark_non_differentiable(stats_ce, stats_prob, stats_entropy, weight, valid,
+                                    top_token)
         shape = target.shape
         return (
             loss.view(shape),
@@ -287,6 +317,7 @@ class _VocabParallelEAFT(torch.autograd.Function):
             stats_entropy.view(shape),
             weight.view(shape),
             valid.view(shape),
+            top_token.view(shape),
         )
 
     @staticmethod
@@ -334,7 +365,7 @@ class _VocabParallelEAFT(torch.autograd.Function):
             out[rows, cols] = label.to(dtype)
             if overlaps:
                 grad_2d[r0:r1].copy_(out)
-        return (grad_2d.view(ctx.input_shape),) + (None,) * 9
+        return (grad_2d.view(ctx.input_shape),) + (None,) * 10
 
 
 def _validate_inputs(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, world: int):
@@ -438,7 +469,10 @@ def vocab_parallel_eaft_cross_entropy(
     elif chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     need_entropy = loss_type == "eaft" or return_stats
-    loss, ce, prob, ent, weight, mask = _VocabParallelEAFT.apply(
+    if return_stats and vocab_local * world > MAX_TOP_TOKEN_VOCAB:
+        raise ValueError(f"return_stats supports vocabularies up to {MAX_TOP_TOKEN_VOCAB} ids "
+                         f"(top_token travels as float32), got {vocab_local * world}")
+    loss, ce, prob, ent, weight, mask, top = _VocabParallelEAFT.apply(
         vocab_parallel_logits,
         target.long(),
         loss_type,
@@ -449,9 +483,10 @@ def vocab_parallel_eaft_cross_entropy(
         group,
         need_entropy,
         chunk_rows,
+        return_stats,
     )
     if return_stats:
         stats = EAFTTokenStats(cross_entropy=ce, target_prob=prob, entropy=ent, weight=weight,
-                               mask=mask)
+                               mask=mask, top_token=top)
         return loss, stats
     return loss

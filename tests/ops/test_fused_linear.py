@@ -64,6 +64,8 @@ def test_tp1_matches_unfused(loss_type, dtype, upstream):
         torch.testing.assert_close(w.grad.float(), ref_w, atol=gtol, rtol=gtol)
         assert torch.equal(stats.mask, target != -100)
         assert torch.all(loss[target == -100] == 0)
+        logits = (hidden @ weight.t()).float()
+        assert torch.equal(stats.top_token, torch.where(target == -100, -1, logits.argmax(-1)))
 
 
 def test_no_logits_sized_tensor_is_saved():
@@ -105,9 +107,11 @@ def _tp2_worker(rank, world):
                     w = weight[rank * vl:(rank + 1) * vl].clone().requires_grad_()
                     h_in = hidden[rank * sl:(rank + 1) * sl] if sequence_parallel else hidden
                     h = h_in.clone().requires_grad_()
-                    loss = fused_linear_eaft_cross_entropy(
+                    loss, stats = fused_linear_eaft_cross_entropy(
                         h, w, target, sequence_parallel=sequence_parallel, chunk_tokens=5,
-                        loss_type=loss_type, tp_group=group)
+                        loss_type=loss_type, tp_group=group, return_stats=True)
+                    top = (hidden @ weight.t()).float().argmax(-1)
+                    assert torch.equal(stats.top_token, torch.where(target == -100, -1, top))
                     (loss * grad).sum().backward()
                     ref_h_here = ref_h[rank * sl:(rank + 1) * sl] if sequence_parallel else ref_h
                     atol, gtol = TOL[dtype]

@@ -66,6 +66,10 @@ def _check_against_reference(
     torch.testing.assert_close(stats.entropy.reshape(-1).double(), ref_h, atol=1e-4, rtol=1e-4,
                                msg=lambda m: f"{what} entropy: {m}")
     assert torch.equal(stats.mask.reshape(-1), ~ignored)
+    # the model's most likely token over the whole vocabulary, from the same all-gather
+    ref_top = torch.where(ignored, -1, torch.argmax(x, dim=1))
+    assert stats.top_token.dtype == torch.int64, what
+    assert torch.equal(stats.top_token.reshape(-1), ref_top), f"{what}: top_token"
     ref_ce = torch.where(ignored, 0.0, -torch.log(ref_p))
     torch.testing.assert_close(stats.cross_entropy.reshape(-1).double(), ref_ce, atol=tol * 10,
                                rtol=tol, msg=lambda m: f"{what} cross_entropy: {m}")
@@ -421,3 +425,28 @@ def _edge_cases_worker(rank, world):
 
 def test_tensor_parallel_edge_cases():
     assert spawn(_edge_cases_worker, 2) == [True, True]
+
+
+def _top_token_ties_worker(rank, world):
+    """Ties across ranks and within a shard: the lowest global id wins, as torch.argmax."""
+    import torch.distributed as dist
+
+    vocab = 8 * world
+    logits = torch.zeros(5, vocab)
+    logits[0, [3, vocab - 1]] = 2.0  # tie across the first and last rank
+    logits[1, [vocab // 2 + 1, vocab // 2 + 2]] = 1.0  # tie inside one shard
+    logits[2] = torch.arange(vocab, dtype=torch.float32)  # the last id
+    logits[3, 0] = 5.0  # the first id
+    target = torch.tensor([0, 1, 2, -100, 4])
+    vl = vocab // world
+    for fused_rows in (None, 2):
+        _, stats = vocab_parallel_eaft_cross_entropy(
+            logits[:, rank * vl:(rank + 1) * vl].clone(), target, tp_group=dist.group.WORLD,
+            return_stats=True, chunk_rows=fused_rows)
+        expected = torch.where(target == -100, -1, logits.argmax(dim=1))
+        assert torch.equal(stats.top_token, expected), (stats.top_token, expected)
+    return True
+
+
+def test_top_token_ties_match_torch_argmax():
+    assert spawn(_top_token_ties_worker, 2) == [True, True]
