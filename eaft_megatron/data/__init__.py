@@ -17,6 +17,7 @@
 ``pipeline.py``    the pipeline: read, tokenize (in workers), pack, write, report progress
 ``command.py``     the ``preprocess`` console sub-command (light: ``--help`` imports nothing)
 ``dataset.py``     the training ``torch.utils.data.Dataset`` and attention helpers
+``provenance.py``  input file and line of every prepared conversation (``OUT_provenance.npy``)
 =================  ==============================================================================
 
 Names are imported lazily: ``import eaft_megatron.data`` loads neither torch nor megatron.
@@ -36,6 +37,7 @@ _EXPORTS = {
     "dataset_paths": "writer",
     "SFTIndexedDataset": "dataset", "load_summary": "dataset", "block_causal_mask": "dataset",
     "merge_cu_seqlens": "dataset", "packed_seq_params": "dataset",
+    "load_provenance": "provenance", "Provenance": "provenance",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -23,6 +23,10 @@ Each sample (``S = seq_length``) is a dict of tensors, the keys of Megatron-Core
 ``max_seqlen``    int32 []        longest segment
 ``attention_mask``bool [1, S, S]  only with ``attention_mask=True``: True = masked (Megatron's
                                   convention), block-diagonal causal over the segments
+``sample_index``  int64 []        the stored sample (``self[i]`` only, not ``build_sample``)
+``first_conversation`` int64 []   its first conversation's id (sequence index in the files;
+                                  the row of ``OUT_provenance.npy``); segment ``j`` of
+                                  ``cu_seqlens`` is conversation ``first_conversation + j``
 ================  ==============  ===========================================================
 
 Samples are the packs (``--pack``) or single conversations. Attention per backend:
@@ -206,8 +210,13 @@ class SFTIndexedDataset(torch.utils.data.Dataset):
         return self._tokens[first:last], self._masks[first:last]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        ids_list, mask_list = self.read(self.stored_index(index))
-        return self.build_sample(ids_list, mask_list)
+        stored = self.stored_index(index)
+        ids_list, mask_list = self.read(stored)
+        sample = self.build_sample(ids_list, mask_list)
+        sample["sample_index"] = torch.tensor(stored, dtype=torch.int64)
+        sample["first_conversation"] = torch.tensor(int(self._documents[stored]),
+                                                    dtype=torch.int64)
+        return sample
 
     def build_sample(self, ids_list: list[np.ndarray],
                      mask_list: list[np.ndarray]) -> dict[str, torch.Tensor]:

@@ -26,8 +26,8 @@ Output files: see ``writer.py``. The summary (``OUT_summary.json``) holds ``docu
 (non-blank lines), ``formats`` (records per detected format), ``seq_length``, ``packed``,
 ``overlong``, ``pack_fill`` (tokens / (sequences * seq_length)), ``max_document_tokens``,
 ``token_dtype``, ``tokenizer`` (path, kind, vocab_size, eos_id, pad_id; null for tokenized
-input without tokenizer), ``pad_id``, ``inputs``, ``elapsed_s``, ``format_version`` and
-``files``.
+input without tokenizer), ``pad_id``, ``inputs``, ``elapsed_s``, ``format_version``, ``files``
+and ``provenance`` (``OUT_provenance.npy``: input file and line of every conversation).
 """
 
 from __future__ import annotations
@@ -198,7 +198,8 @@ class _Sink:
         self.counts: Counter = Counter()
         self.max_document = 0
 
-    def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, mask: np.ndarray, origin: tuple[int, int] = (-1, -1)
+            ) -> None:
         if ids.size > self.seq_length:
             if self.overlong == "drop" or not mask[:self.seq_length].any():
                 self.counts["dropped_overlong"] += 1
@@ -209,7 +210,8 @@ class _Sink:
         self.counts["tokens"] += ids.size
         self.counts["supervised_tokens"] += int(mask.sum())
         self.max_document = max(self.max_document, ids.size)
-        packs = [[(ids, mask)]] if self.packer is None else self.packer.add(ids.size, (ids, mask))
+        item = (ids, mask, origin)
+        packs = [[item]] if self.packer is None else self.packer.add(ids.size, item)
         for items in packs:
             self._write(items)
 
@@ -217,8 +219,9 @@ class _Sink:
         for items in self.packer.flush() if self.packer is not None else ():
             self._write(items)
 
-    def _write(self, items: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        self.writer.add_sample([ids for ids, _ in items], [mask for _, mask in items])
+    def _write(self, items: list[tuple[np.ndarray, np.ndarray, tuple[int, int]]]) -> None:
+        self.writer.add_sample([item[0] for item in items], [item[1] for item in items],
+                               [item[2] for item in items])
         self.counts["sequences"] += 1
 
 
@@ -281,8 +284,8 @@ def preprocess(
             counts["skipped"] += len(enc.errors)
             counts["records"] += len(enc.errors) + len(enc.ids)
             formats.update(enc.formats)
-            for ids, mask in zip(enc.ids, enc.masks):
-                sink.add(ids, mask)
+            for ids, mask, line_no in zip(enc.ids, enc.masks, enc.line_nos):
+                sink.add(ids, mask, (chunk.file_index, line_no))
             bar.update(chunk.physical_lines, docs=counts["documents"], skipped=counts["skipped"])
         sink.close()
         if counts["documents"] == 0:

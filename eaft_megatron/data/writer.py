@@ -14,6 +14,11 @@ Files for ``--output-prefix OUT`` (megatron-core's ``IndexedDataset(OUT_tokens)`
                          ``document_indices`` are the pack boundaries, its ``sequence_lengths``
                          the conversation lengths).
 ``OUT_loss_mask.bin/.idx``  uint8, same layout: 1 where the token is a training target.
+``OUT_provenance.npy``   int64 ``[conversations, 2]``, in the order of the conversations
+                         (sequences) in the files above: the index of the input file in the
+                         summary's ``inputs`` and the 1-based line it came from. With packing, a
+                         sample's conversations are rows ``document_indices[i]`` to
+                         ``document_indices[i + 1] - 1`` (see :func:`dataset.load_provenance`).
 ``OUT_summary.json``     counts and settings (see ``pipeline.py``), written last: the marker of
                          a complete dataset. It records the byte size of every file.
 =======================  =========================================================================
@@ -36,6 +41,7 @@ prefix without one.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import os
@@ -49,6 +55,7 @@ from ..paths import UnsafePathError, atomic_output, check_output, overlaps, remo
 
 SUFFIXES = {"tokens": "_tokens", "loss_mask": "_loss_mask"}
 SUMMARY_SUFFIX = "_summary.json"
+PROVENANCE_SUFFIX = "_provenance.npy"
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 # megatron.core.datasets.indexed_dataset.DType codes
 DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6,
@@ -59,13 +66,15 @@ def dataset_paths(prefix: str) -> dict[str, str]:
     """``{"tokens": OUT_tokens, "loss_mask": OUT_loss_mask, "summary": OUT_summary.json}``."""
     paths = {name: prefix + suffix for name, suffix in SUFFIXES.items()}
     paths["summary"] = prefix + SUMMARY_SUFFIX
+    paths["provenance"] = prefix + PROVENANCE_SUFFIX
     return paths
 
 
 def output_files(prefix: str) -> list[str]:
     """Every file of a dataset, the summary first."""
     paths = dataset_paths(prefix)
-    return [paths["summary"]] + [paths[name] + ext for name in SUFFIXES for ext in (".bin", ".idx")]
+    return [paths["summary"]] + [paths[name] + ext for name in SUFFIXES
+                                 for ext in (".bin", ".idx")] + [paths["provenance"]]
 
 
 def token_dtype(vocab_size: int | None) -> type[np.number]:
@@ -147,14 +156,19 @@ class DatasetWriter:
             dtypes = {"tokens": token_dtype, "loss_mask": np.uint8}
             self._files = {name: _IndexedFile(self._tmp[self._paths[name] + ".bin"], dtypes[name])
                            for name in SUFFIXES}
+            self._origins = array.array("q")  # (input index, line) per conversation
         except BaseException:
             self._stack.close()
             raise
 
-    def add_sample(self, ids: list[np.ndarray], masks: list[np.ndarray]) -> None:
-        """One training sample made of one or more conversations (same lengths in both lists)."""
+    def add_sample(self, ids: list[np.ndarray], masks: list[np.ndarray],
+                   origins: list[tuple[int, int]] | None = None) -> None:
+        """One training sample made of one or more conversations (same lengths in the lists);
+        ``origins``: (input file index, line) of each conversation (``(-1, -1)``: unknown)."""
         self._files["tokens"].add_document(ids)
         self._files["loss_mask"].add_document(masks)
+        for file_index, line in origins or [(-1, -1)] * len(ids):
+            self._origins.extend((file_index, line))
 
     def commit(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Finalise, rename into place; returns the summary with the ``files`` entry added."""
@@ -166,7 +180,14 @@ class DatasetWriter:
                 **{f"{ext}_bytes": os.path.getsize(self._tmp[self._paths[name] + f".{ext}"])
                    for ext in ("bin", "idx")},
             }
-        summary = {**summary, "files": files}
+        provenance = self._tmp[self._paths["provenance"]]
+        with open(provenance, "wb") as f:
+            np.save(f, np.frombuffer(self._origins, dtype=np.int64).reshape(-1, 2))
+            f.flush()
+            os.fsync(f.fileno())
+        summary = {**summary, "files": files, "provenance": {
+            "file": os.path.basename(self._paths["provenance"]),
+            "bytes": os.path.getsize(provenance), "columns": ["input", "line"]}}
         with open(self._tmp[self._paths["summary"]], "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
             f.write("\n")

@@ -88,7 +88,7 @@ def test_round_trip_every_format_through_megatron_reader(tmp_path, tokenizer_dir
     assert summary["pad_id"] == chatml_bpe.token_to_id("<|endoftext|>")
     assert files_in(prefix.parent) == {"mixed_tokens.bin", "mixed_tokens.idx",
                                        "mixed_loss_mask.bin", "mixed_loss_mask.idx",
-                                       "mixed_summary.json"}
+                                       "mixed_summary.json", "mixed_provenance.npy"}
 
 
 def test_sentencepiece_and_tokenized_without_tokenizer(tmp_path, tokenizer_dirs):
@@ -333,3 +333,47 @@ def test_cli_interrupt_message(tmp_path, monkeypatch, capsys):
     assert main(["preprocess", "--input", "x", "--output-prefix", "o", "--seq-length", "8"]) == 130
     err = capsys.readouterr().err
     assert "interrupted (SIGINT): temporary files removed, nothing written" in err
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_provenance_points_back_to_file_and_line(tmp_path, pack):
+    """Every prepared conversation (packed or not, skipped lines and blank lines around) maps
+    back to the input file and line whose tokens it holds; the dataset's samples name their
+    first conversation."""
+    from eaft_megatron.data import SFTIndexedDataset, load_provenance
+
+    rng = np.random.default_rng(3)
+    sources = {}
+    for name in ("a.jsonl", "b.jsonl"):
+        lines = []
+        for i in range(40):
+            if i % 7 == 3:
+                lines.append("")  # blank: skipped, still counted as a line
+            elif i % 11 == 5:
+                lines.append('{"bad": 1}')  # invalid: skipped with --skip-invalid
+            else:
+                ids = [int(x) for x in rng.integers(1, 500, int(rng.integers(3, 30)))]
+                lines.append(json.dumps({"input_ids": ids, "labels": ids}))
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        sources[str((tmp_path / name).resolve())] = lines
+    prefix = tmp_path / "out" / "p"
+    summary = preprocess([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], output_prefix=prefix,
+                         seq_length=64, fmt="tokenized", pack=pack, skip_invalid=True,
+                         progress=False)
+    assert summary["provenance"]["file"] == "p_provenance.npy"
+    prov = load_provenance(str(prefix))
+    ids, _, docs = read_back(prefix)
+    assert prov.origins.shape == (len(ids), 2) and np.array_equal(prov.document_indices, docs)
+    seen = set()
+    for conversation, tokens in enumerate(ids):
+        path, line = prov.where(conversation)
+        assert json.loads(sources[path][line - 1])["input_ids"] == tokens
+        seen.add((path, line))
+    assert len(seen) == summary["documents"] == len(ids)
+    if pack:
+        assert summary["sequences"] < summary["documents"]
+    ds = SFTIndexedDataset(prefix, shuffle=False)
+    for i in range(len(ds)):
+        sample = ds[i]
+        assert int(sample["sample_index"]) == i
+        assert int(sample["first_conversation"]) == prov.conversations_of(i)[0]
