@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bench_loss import _peak_rss_bytes, _reset_peak_rss, _rss_bytes, sync  # noqa: E402
+from bench_loss import (  # noqa: E402
+    _peak_rss_bytes, _reset_peak_rss, _rss_bytes, markdown_table, sync,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -75,6 +77,58 @@ def measure_peak(fn, hidden, weight, target, mask, device) -> int:
     return peak
 
 
+HEADER = ["hidden", "provider", "median_ms", "time_vs_unfused", "peak_mib", "loss_part_mib",
+          "loss_part_vs_unfused"]
+
+
+def make_inputs(tokens: int, hsize: int, vocab: int, dtype: torch.dtype, device: torch.device,
+                seed: int = 0):
+    """(hidden [tokens, 1, h], weight [vocab, h], target [tokens, 1] with the first quarter
+    ignored, Megatron's upstream gradient ``mask``), drawn on ``device``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(tokens, 1, hsize, generator=gen, device=device).to(dtype)
+    weight = (torch.randn(vocab, hsize, generator=gen, device=device) / hsize ** 0.5).to(dtype)
+    target = torch.randint(0, vocab, (tokens, 1), generator=gen, device=device)
+    target[: tokens // 4] = -100
+    mask = (target != -100).float() / (target != -100).sum()
+    return hidden, weight, target, mask
+
+
+def measure(provs: dict, hidden, weight, target, mask, *, reps: int, device: torch.device,
+            dtype_name: str) -> list[dict]:
+    """One row per provider (``unfused_eaft`` is the baseline): peak memory after a warm-up,
+    then ``reps`` interleaved timed repetitions."""
+    peaks, times = {}, {k: [] for k in provs}
+    for name, fn in provs.items():
+        run_once(fn, hidden, weight, target, mask)  # warm-up
+        peaks[name] = measure_peak(fn, hidden, weight, target, mask, device)
+    names = list(provs)
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            run_once(provs[name], hidden, weight, target, mask)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    base_t = statistics.median(times["unfused_eaft"])
+    # The gradients of hidden states and weight are outputs of every path: "loss part"
+    # memory is what remains above them (the logits, working buffers, chunk buffers).
+    grads = (hidden.numel() + weight.numel()) * hidden.element_size()
+    base_m = peaks["unfused_eaft"] - grads
+    tokens, hsize, vocab = hidden.shape[0], hidden.shape[-1], weight.shape[0]
+    rows = []
+    for name in names:
+        med = statistics.median(times[name])
+        rows.append(dict(device=device.type, dtype=dtype_name, tokens=tokens,
+                         hidden=hsize, vocab=vocab, provider=name,
+                         median_ms=round(med * 1e3, 1),
+                         time_vs_unfused=round(med / base_t, 3),
+                         peak_mib=round(peaks[name] / 2**20, 1),
+                         loss_part_mib=round((peaks[name] - grads) / 2**20, 1),
+                         loss_part_vs_unfused=round((peaks[name] - grads) / base_m, 3)))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--tokens", type=int, default=2048)
@@ -95,45 +149,12 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
     rows = []
     for hsize in (int(x) for x in args.hidden.split(",")):
-        gen = torch.Generator().manual_seed(0)
-        hidden = torch.randn(args.tokens, 1, hsize, generator=gen).to(dtype).to(device)
-        weight = (torch.randn(args.vocab, hsize, generator=gen) / hsize ** 0.5).to(dtype).to(device)
-        target = torch.randint(0, args.vocab, (args.tokens, 1), generator=gen).to(device)
-        target[: args.tokens // 4] = -100
-        mask = (target != -100).float() / (target != -100).sum()
-        peaks, times = {}, {k: [] for k in provs}
-        for name, fn in provs.items():
-            run_once(fn, hidden, weight, target, mask)  # warm-up
-            peaks[name] = measure_peak(fn, hidden, weight, target, mask, device)
-        names = list(provs)
-        for rep in range(args.reps):
-            for name in names[rep % len(names):] + names[: rep % len(names)]:
-                sync(device)
-                t0 = time.perf_counter()
-                run_once(provs[name], hidden, weight, target, mask)
-                sync(device)
-                times[name].append(time.perf_counter() - t0)
-        base_t = statistics.median(times["unfused_eaft"])
-        # The gradients of hidden states and weight are outputs of every path: "loss part"
-        # memory is what remains above them (the logits, working buffers, chunk buffers).
-        grads = (hidden.numel() + weight.numel()) * hidden.element_size()
-        base_m = peaks["unfused_eaft"] - grads
-        for name in names:
-            med = statistics.median(times[name])
-            rows.append(dict(device=device.type, dtype=args.dtype, tokens=args.tokens,
-                             hidden=hsize, vocab=args.vocab, provider=name,
-                             median_ms=round(med * 1e3, 1),
-                             time_vs_unfused=round(med / base_t, 3),
-                             peak_mib=round(peaks[name] / 2**20, 1),
-                             loss_part_mib=round((peaks[name] - grads) / 2**20, 1),
-                             loss_part_vs_unfused=round((peaks[name] - grads) / base_m, 3)))
-    header = ["hidden", "provider", "median_ms", "time_vs_unfused", "peak_mib", "loss_part_mib",
-              "loss_part_vs_unfused"]
+        inputs = make_inputs(args.tokens, hsize, args.vocab, dtype, device)
+        rows += measure(provs, *inputs, reps=args.reps, device=device, dtype_name=args.dtype)
+        del inputs
     print(f"\n{device.type}, {args.dtype}, N={args.tokens}, V={args.vocab}, {args.reps} reps, "
           f"forward + backward (output layer + loss)")
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(str(r[h]) for h in header) + " |")
+    print(markdown_table(rows, HEADER))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"fused_{device.type}.csv"

@@ -28,12 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-# Inductor's pool of compile workers (for megatron_fused) otherwise keeps competing for the CPU
-# cores and slows every provider that runs after it.
-os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+if not torch.cuda.is_available():
+    # Inductor's pool of compile workers (for megatron_fused) otherwise keeps competing for the
+    # CPU cores and slows every provider that runs after it. Set before megatron-core's import,
+    # which loads inductor's config.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -102,6 +104,61 @@ def measure_peak(fn, logits, target, device) -> int:
     return peak
 
 
+HEADER = ["tokens", "vocab", "provider", "median_ms", "time_vs_megatron", "peak_mib",
+          "peak_vs_megatron"]
+
+
+def make_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Logits [n, v] (N(0, 2^2), in ``dtype``) and random labels, drawn on ``device`` (a
+    GPU-sized tensor takes seconds to draw on the host)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = (torch.randn(n, v, generator=gen, device=device) * 2.0).to(dtype)
+    target = torch.randint(0, v, (n,), generator=gen, device=device)
+    return logits, target
+
+
+def measure(provs: dict, logits: torch.Tensor, target: torch.Tensor, *, reps: int,
+            device: torch.device, dtype_name: str) -> list[dict]:
+    """One row per provider: peak memory of one forward + backward (after a warm-up, which
+    also compiles megatron_fused), then ``reps`` interleaved timed repetitions."""
+    names = list(provs)
+    peaks = {}
+    for name in names:  # warm-up (and megatron_fused's compile), then peak memory
+        run_once(provs[name], logits, target)
+        peaks[name] = measure_peak(provs[name], logits, target, device)
+    times = {name: [] for name in names}
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            sync(device)
+            t0 = time.perf_counter()
+            run_once(provs[name], logits, target)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    base_t = statistics.median(times["megatron"]) if "megatron" in times else None
+    base_m = peaks.get("megatron")
+    n, v = logits.shape
+    rows = []
+    for name in names:
+        med = statistics.median(times[name])
+        rows.append(dict(
+            device=device.type, dtype=dtype_name, tokens=n, vocab=v, provider=name,
+            median_ms=round(med * 1e3, 2),
+            p10_ms=round(sorted(times[name])[len(times[name]) // 10] * 1e3, 2),
+            time_vs_megatron=round(med / base_t, 3) if base_t else None,
+            peak_mib=round(peaks[name] / 2**20, 1),
+            peak_vs_megatron=round(peaks[name] / base_m, 3) if base_m else None,
+            logits_mib=round(logits.numel() * logits.element_size() / 2**20, 1),
+        ))
+    return rows
+
+
+def markdown_table(rows: list[dict], header: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--shapes", default="2048x32000,8192x32000,2048x151936",
@@ -124,51 +181,19 @@ def main(argv=None):
     if args.providers:
         provs = {k: provs[k] for k in args.providers.split(",")}
     dtype = DTYPES[args.dtype]
-    names = list(provs)
 
     rows = []
     for shape in args.shapes.split(","):
         n, v = (int(s) for s in shape.lower().split("x"))
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        logits = (torch.randn(n, v, generator=gen) * 2.0).to(dtype).to(device)
-        target = torch.randint(0, v, (n,), generator=gen).to(device)
-        peaks = {}
-        for name in names:  # warm-up (and megatron_fused's compile), then peak memory
-            run_once(provs[name], logits, target)
-            peaks[name] = measure_peak(provs[name], logits, target, device)
-        times = {name: [] for name in names}
-        for rep in range(args.reps):
-            order = names[rep % len(names):] + names[: rep % len(names)]
-            for name in order:
-                sync(device)
-                t0 = time.perf_counter()
-                run_once(provs[name], logits, target)
-                sync(device)
-                times[name].append(time.perf_counter() - t0)
-        base_t = statistics.median(times["megatron"]) if "megatron" in times else None
-        base_m = peaks.get("megatron")
-        for name in names:
-            med = statistics.median(times[name])
-            rows.append(dict(
-                device=device.type, dtype=args.dtype, tokens=n, vocab=v, provider=name,
-                median_ms=round(med * 1e3, 2),
-                p10_ms=round(sorted(times[name])[len(times[name]) // 10] * 1e3, 2),
-                time_vs_megatron=round(med / base_t, 3) if base_t else None,
-                peak_mib=round(peaks[name] / 2**20, 1),
-                peak_vs_megatron=round(peaks[name] / base_m, 3) if base_m else None,
-                logits_mib=round(logits.numel() * logits.element_size() / 2**20, 1),
-            ))
+        logits, target = make_inputs(n, v, dtype, device)
+        rows += measure(provs, logits, target, reps=args.reps, device=device,
+                        dtype_name=args.dtype)
         del logits, target
 
-    header = ["tokens", "vocab", "provider", "median_ms", "time_vs_megatron", "peak_mib",
-              "peak_vs_megatron"]
     print(f"\n{device.type} {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, dtype {args.dtype}, "
           f"{args.reps} interleaved reps (forward + backward)")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(str(r[h]) for h in header) + " |")
+    print(markdown_table(rows, HEADER))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
