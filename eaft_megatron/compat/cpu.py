@@ -219,6 +219,14 @@ def _set_cpu_rng_state_torch(new_state: torch.Tensor, device: Any = "cuda") -> N
     torch.set_rng_state(new_state)
 
 
+def _move_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    # megatron's version converts only CUDA tensors; on CPU the split sizes would stay tensors,
+    # which gloo's all_to_all_single refuses (it takes sequences of ints).
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
 def install_cpu_compat() -> bool:
     """Patch torch.cuda and megatron-core so megatron runs on CPU; idempotent.
 
@@ -231,6 +239,8 @@ def install_cpu_compat() -> bool:
         return True
     import megatron.core.datasets.utils as datasets_utils
     import megatron.core.tensor_parallel.random as mcore_random
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
     import megatron.training.arguments as training_arguments
     import megatron.training.utils as training_utils
     import megatron.training.utils.common_utils as training_common_utils
@@ -253,6 +263,10 @@ def install_cpu_compat() -> bool:
         # CudaRNGStatesTracker.fork/add restore states through it; without CUDA its _lazy_call
         # queues the callback forever, so the state silently never changes.
         _patch(mcore_random, "_set_cuda_rng_state", _set_cpu_rng_state)
+        # The all-to-all MoE token dispatcher moves its split sizes "to the host" as numpy
+        # arrays (only CUDA tensors are moved); here they already are on the host.
+        for owner in (moe_utils, token_dispatcher):
+            _patch(owner, "maybe_move_tensor_to_cpu", _move_to_host)
         # initialize._compile_dependencies runs `make` on a Makefile the wheel lacks, then exits;
         # the wheel already ships the built helpers_cpp extension.
         _patch(datasets_utils, "compile_helpers", _no_compile_helpers)
