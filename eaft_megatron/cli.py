@@ -49,7 +49,7 @@ def _convert(args) -> int:
         with interruptible():
             if args.direction == "hf-to-megatron":
                 out = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                                     force=args.force)
+                                     force=args.force, drop_mtp=args.drop_mtp)
             else:
                 out = megatron_to_hf(args.megatron, args.out, dtype=args.dtype,
                                      hf_config=args.hf_config, iteration=args.iteration,
@@ -76,6 +76,10 @@ def _add_convert(sub) -> None:
     h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check and pad for")
     h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check for")
     h2m.add_argument("--dtype", choices=dtypes, default=None, help="default: the HF config's")
+    h2m.add_argument("--drop-mtp", action="store_true",
+                     help="GLM-4.5: do not carry the multi-token-prediction layers through "
+                          "(by default they are kept in hf/extra_tensors.safetensors and "
+                          "written back by megatron-to-hf)")
     h2m.add_argument("--force", action="store_true",
                      help="replace a non-empty --out (never one overlapping an input)")
     m2h = directions.add_parser("megatron-to-hf",
@@ -111,7 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.command import register_command as register_preprocess  # light: argparse only
 
     register_preprocess(sub)
+    landscape = sub.add_parser(
+        "landscape", help="plot the entropy-probability landscape written by the trainer's "
+        "--eaft-landscape DIR (one, or two side by side)")
+    landscape.add_argument("directories", nargs="+", metavar="DIR",
+                           help="one or two landscape directories (or landscape.json files)")
+    landscape.add_argument("--out", default=None,
+                           help="output PNG (default: DIR/landscape.png for one, "
+                                "DIR2/comparison.png for two)")
+    landscape.set_defaults(func=_landscape)
     return parser
+
+
+def _landscape(args) -> int:
+    from .train.landscape import run_plot  # numpy + matplotlib, only when used
+
+    return run_plot(args)
 
 
 def main(argv: list[str] | None = None) -> int:

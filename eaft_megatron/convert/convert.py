@@ -53,6 +53,12 @@ HF_SUBDIR = "hf"
 METADATA_FILE = "eaft_megatron.json"
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
 _VOCAB_PARAMS = ("embedding.", "output_layer.")
+# HF tensors that the Megatron model does not hold but a round trip must keep (GLM-4.5's MTP
+# layers, ``ArchSpec.extra_hf_layers``): stored next to the HF config, written back on export.
+EXTRA_TENSORS_FILE = "extra_tensors.safetensors"
+# Tensors HF keeps in fp32 whatever the model dtype (megatron keeps the router's expert bias in
+# fp32 too): exported in fp32.
+_KEEP_FP32_HF = (".e_score_correction_bias",)
 # Non-parameter buffers some older HF checkpoints carry; safe to skip.
 _IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -156,8 +162,13 @@ def hf_to_megatron(
     dtype: str | None = None,
     force: bool = False,
     progress: bool = True,
+    drop_mtp: bool = False,
 ) -> Path:
-    """Convert a HF model directory into a Megatron-Core torch_dist checkpoint at ``out``."""
+    """Convert a HF model directory into a Megatron-Core torch_dist checkpoint at ``out``.
+
+    HF tensors of layers the Megatron model does not hold (GLM-4.5's multi-token-prediction
+    layers) are copied unchanged into ``<out>/hf/extra_tensors.safetensors`` and written back by
+    :func:`megatron_to_hf`; ``drop_mtp=True`` leaves them out."""
     from .. import models
 
     hf_dir = _input_dir(hf_dir, "HF model directory")
@@ -173,6 +184,8 @@ def hf_to_megatron(
     reader = SafetensorsReader(hf_dir)
     expected = set(models.hf_names(arch, hf_config))
     present = {n for n in reader.names() if not n.endswith(_IGNORED_HF_SUFFIXES)}
+    carried = _extra_hf_tensors(arch, hf_config, present)
+    present -= set(carried)
     if missing := sorted(expected - present):
         raise ConversionError(f"{hf_dir} lacks {len(missing)} tensor(s) the "
                               f"{arch.hf_architecture} mapping needs: {missing[:8]}")
@@ -215,12 +228,34 @@ def hf_to_megatron(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
             padded_vocab_size=padded_vocab, no_save_optim=True, no_save_rng=True,
         ))
-        copy_side_files(hf_dir, tmp / HF_SUBDIR)
+        copy_side_files(hf_dir, tmp / HF_SUBDIR,
+                        [n for n in _side_names(hf_dir) if n != EXTRA_TENSORS_FILE])
+        if carried and not drop_mtp:
+            _write_extra_tensors(tmp / HF_SUBDIR / EXTRA_TENSORS_FILE, reader, carried)
         meta = dict(format=1, architecture=arch.hf_architecture, source=str(hf_dir.resolve()),
                     vocab_size=hf_config.vocab_size, padded_vocab_size=padded_vocab,
-                    dtype=str(torch_dtype).removeprefix("torch."), tp=tp, pp=pp)
+                    dtype=str(torch_dtype).removeprefix("torch."), tp=tp, pp=pp,
+                    extra_tensors=0 if drop_mtp else len(carried),
+                    dropped_tensors=len(carried) if drop_mtp else 0)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out)
+
+
+def _extra_hf_tensors(arch, hf_config, present: set[str]) -> list[str]:
+    """Names of the HF tensors in layers ``num_hidden_layers ..`` + ``arch.extra_hf_layers``."""
+    count = int(getattr(hf_config, arch.extra_hf_layers, 0) or 0) if arch.extra_hf_layers else 0
+    first = hf_config.num_hidden_layers
+    prefixes = tuple(f"model.layers.{first + i}." for i in range(count))
+    return sorted(n for n in present if prefixes and n.startswith(prefixes))
+
+
+def _write_extra_tensors(path: Path, reader: SafetensorsReader, names: list[str]) -> None:
+    """One safetensors file of the named HF tensors, unchanged (one extra layer's worth)."""
+    from safetensors.torch import save_file
+
+    save_file({n: reader.get(n).contiguous() for n in names}, str(path),
+              metadata={"format": "pt", "eaft_megatron": "HF tensors the Megatron model does "
+                        "not hold (multi-token prediction), written back on export"})
 
 
 def find_hf_config_dir(megatron_dir: Path, hf_config: str | os.PathLike | None) -> Path:
@@ -316,13 +351,21 @@ def megatron_to_hf(
         with Progress(total=len(models.hf_names(arch, config)), desc="megatron -> hf",
                       unit="tensors", enabled=progress) as bar:
             for name, tensor in stream:
-                writer.add(name, tensor.to(out_dtype))
+                keep = name.endswith(_KEEP_FP32_HF) and tensor.dtype == torch.float32
+                writer.add(name, tensor if keep else tensor.to(out_dtype))
                 bar.update(1)
+            if (hf_side / EXTRA_TENSORS_FILE).is_file():  # carried through: as stored
+                from safetensors import safe_open
+
+                with safe_open(str(hf_side / EXTRA_TENSORS_FILE), "pt") as f:
+                    for name in f.keys():
+                        writer.add(name, f.get_tensor(name))
         if tensors:
             raise ConversionError(f"Megatron parameters not consumed by the {arch.hf_architecture} "
                                   f"mapping: {sorted(tensors)[:8]}")
         writer.close()
-        copy_side_files(hf_side, tmp, [n for n in _side_names(hf_side) if n != "config.json"])
+        copy_side_files(hf_side, tmp, [n for n in _side_names(hf_side)
+                                       if n not in ("config.json", EXTRA_TENSORS_FILE)])
         raw = json.loads((hf_side / "config.json").read_text())
         key = "dtype" if "dtype" in raw else "torch_dtype"
         raw[key] = str(out_dtype).removeprefix("torch.")

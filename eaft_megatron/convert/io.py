@@ -29,6 +29,9 @@ HF_SIDE_FILES = (
     "tokenizer.model",
     "chat_template.jinja",
     "chat_template.json",
+    # HF tensors the Megatron model does not hold (GLM-4.5's multi-token-prediction layers),
+    # carried through a conversion round trip (convert.EXTRA_TENSORS_FILE).
+    "extra_tensors.safetensors",
 )
 
 

@@ -264,7 +264,7 @@ def transformer_config_from_hf(hf_config: Any, **overrides: Any):
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.flags(hf_config)["qkv_bias"],
-        qk_layernorm=arch.qk_layernorm,
+        qk_layernorm=arch.flags(hf_config)["qk_layernorm"],
         rotary_interleaved=arch.rotary_interleaved,
         hidden_dropout=0.0,
         attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),

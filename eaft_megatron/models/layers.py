@@ -87,12 +87,17 @@ class SandwichNormTransformerLayer(TransformerLayer):
         return _norm_then(self._inner_mlp_bda(training, fused), self.post_mlp_layernorm)
 
 
-def layer_spec(arch: ArchSpec, *, te: bool, num_experts: int | None = None) -> ModuleSpec:
+def layer_spec(arch: ArchSpec, *, te: bool, num_experts: int | None = None,
+               qk_layernorm: bool | None = None) -> ModuleSpec:
     """The transformer layer spec for ``arch``: TransformerEngine modules if ``te`` (input and
     pre-MLP norms fused into ``linear_qkv`` / ``linear_fc1``), else megatron's local modules.
     ``num_experts``: megatron's own MoE layer (router, ``SequentialMLP`` experts, shared
     experts when the config asks for them) instead of the dense MLP."""
     moe = dict(num_experts=num_experts, moe_grouped_gemm=False) if num_experts else {}
+    if qk_layernorm is None:  # a constant of the architecture (per config: pass it)
+        if isinstance(arch.qk_layernorm, str):
+            raise ValueError(f"{arch.hf_architecture}: pass qk_layernorm (decided per config)")
+        qk_layernorm = arch.qk_layernorm
     if te:
         from .config import te_available
 
@@ -106,14 +111,14 @@ def layer_spec(arch: ArchSpec, *, te: bool, num_experts: int | None = None) -> M
             get_gpt_layer_with_transformer_engine_submodules,
         )
 
-        sub = get_gpt_layer_with_transformer_engine_submodules(qk_layernorm=arch.qk_layernorm,
+        sub = get_gpt_layer_with_transformer_engine_submodules(qk_layernorm=qk_layernorm,
                                                                **moe)
         norm = TESpecProvider().layer_norm(rms_norm=True)
     else:
         from megatron.core.models.backends import LocalSpecProvider
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
 
-        sub = get_gpt_layer_local_submodules(qk_layernorm=arch.qk_layernorm,
+        sub = get_gpt_layer_local_submodules(qk_layernorm=qk_layernorm,
                                              normalization="RMSNorm", **moe)
         norm = LocalSpecProvider().layer_norm(rms_norm=True)
     if not arch.sandwich_norms:
@@ -133,16 +138,17 @@ def block_spec(arch: ArchSpec, config: Any, *, te: bool, vp_stage: int | None = 
     for MoE ones a ``TransformerBlockSubmodules`` with this pipeline stage's layers, a MoE layer
     where ``config.moe_layer_freq`` says 1 and the dense layer elsewhere (as megatron's
     ``get_gpt_decoder_block_spec``, whose local variant lacks the RMSNorm choice here)."""
+    qk = bool(config.qk_layernorm)
     if arch.moe is None or not config.num_moe_experts:
-        return layer_spec(arch, te=te)
+        return layer_spec(arch, te=te, qk_layernorm=qk)
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    dense = layer_spec(arch, te=te)
-    moe = layer_spec(arch, te=te, num_experts=config.num_moe_experts)
+    dense = layer_spec(arch, te=te, qk_layernorm=qk)
+    moe = layer_spec(arch, te=te, num_experts=config.num_moe_experts, qk_layernorm=qk)
     pattern = config.moe_layer_freq
     if isinstance(pattern, int):
         pattern = [int(i % pattern == 0) for i in range(config.num_layers)]

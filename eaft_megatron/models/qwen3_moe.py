@@ -19,8 +19,10 @@ ATTENTION = (
              k=H + "self_attn.k_proj.weight", v=H + "self_attn.v_proj.weight"),
     FusedQKV(M + "self_attention.linear_qkv.bias", q=H + "self_attn.q_proj.bias",
              k=H + "self_attn.k_proj.bias", v=H + "self_attn.v_proj.bias", when="qkv_bias"),
-    Rename(M + "self_attention.q_layernorm.weight", H + "self_attn.q_norm.weight"),
-    Rename(M + "self_attention.k_layernorm.weight", H + "self_attn.k_norm.weight"),
+    Rename(M + "self_attention.q_layernorm.weight", H + "self_attn.q_norm.weight",
+           when="qk_layernorm"),
+    Rename(M + "self_attention.k_layernorm.weight", H + "self_attn.k_norm.weight",
+           when="qk_layernorm"),
     Rename(M + "self_attention.linear_proj.weight", H + "self_attn.o_proj.weight"),
     Rename(M + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
 )

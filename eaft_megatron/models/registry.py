@@ -10,7 +10,9 @@ from typing import Any
 
 from .glm import GLM
 from .glm4 import GLM4
+from .glm4_moe import GLM4_MOE
 from .qwen2 import QWEN2
+from .qwen2_moe import QWEN2_MOE
 from .qwen3 import QWEN3
 from .qwen3_moe import QWEN3_MOE
 from .spec import ArchSpec
@@ -18,7 +20,7 @@ from .spec import ArchSpec
 __all__ = ["ARCHITECTURES", "get_arch"]
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    a.hf_architecture: a for a in (QWEN2, QWEN3, GLM, GLM4, QWEN3_MOE)}
+    a.hf_architecture: a for a in (QWEN2, QWEN3, GLM, GLM4, QWEN2_MOE, QWEN3_MOE, GLM4_MOE)}
 
 
 def get_arch(hf_config: Any) -> ArchSpec:

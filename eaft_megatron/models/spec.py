@@ -289,8 +289,9 @@ class ArchSpec:
     first, then every layer's rows layer by layer, then the remaining whole-model rows."""
     qkv_bias: bool | str = False
     """Whether q/k/v carry a bias: a constant, or the HF config attribute that decides."""
-    qk_layernorm: bool = False
-    """Per-head RMSNorm on queries and keys before rotary (Qwen3's q_norm / k_norm)."""
+    qk_layernorm: bool | str = False
+    """Per-head RMSNorm on queries and keys before rotary (Qwen3's q_norm / k_norm): a
+    constant, or the HF config attribute that decides (GLM-4.5's ``use_qk_norm``)."""
     sandwich_norms: bool = False
     """Extra RMSNorms on the attention and MLP outputs before the residual adds (GLM-4-0414)."""
     rotary_interleaved: bool = False
@@ -313,7 +314,7 @@ class ArchSpec:
                     f"{self.hf_architecture}: no shape rule for Megatron name {m.megatron!r}; "
                     "add it to spec.MEGATRON_SHAPES"
                 )
-            if m.when not in (None, "qkv_bias", "untied", *LAYER_CONDITIONS):
+            if m.when not in (None, "qkv_bias", "qk_layernorm", "untied", *LAYER_CONDITIONS):
                 raise ValueError(f"{self.hf_architecture}: unknown mapping condition {m.when!r}")
 
     def flags(self, hf_config: Any) -> dict[str, bool]:
@@ -321,7 +322,10 @@ class ArchSpec:
         qkv_bias = self.qkv_bias
         if isinstance(qkv_bias, str):
             qkv_bias = bool(getattr(hf_config, qkv_bias, False))
-        return dict(qkv_bias=bool(qkv_bias),
+        qk_norm = self.qk_layernorm
+        if isinstance(qk_norm, str):
+            qk_norm = bool(getattr(hf_config, qk_norm, False))
+        return dict(qkv_bias=bool(qkv_bias), qk_layernorm=bool(qk_norm),
                     untied=not getattr(hf_config, "tie_word_embeddings", False))
 
     def moe_layers(self, hf_config: Any) -> list[int]:

@@ -23,7 +23,30 @@ MOE_CASES = {
         architectures=["Qwen3MoeForCausalLM"], head_dim=24, rope_theta=1e6, rms_norm_eps=1e-6,
         num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
         mlp_only_layers=[1], router_aux_loss_coef=0.01, tie_word_embeddings=False, **BASE),
+    # shared expert with its sigmoid gate, q/k/v bias, top-k probabilities not renormalised,
+    # every other layer sparse (decoder_sparse_step 2): moe_layer_freq [0, 1, 0, 1]
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        architectures=["Qwen2MoeForCausalLM"], rope_theta=1e6, rms_norm_eps=1e-6,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False,
+        shared_expert_intermediate_size=48, decoder_sparse_step=2, router_aux_loss_coef=0.01,
+        tie_word_embeddings=True, **BASE),
+    # sigmoid router + e_score_correction_bias, grouped top-k (4 groups, 2 chosen, top-4),
+    # routed scaling, shared expert, first layer dense, q/k norms, bias, partial rotary 0.5,
+    # one multi-token-prediction layer stored after the last (carried through as extra tensors)
+    "glm4_moe": lambda: transformers.Glm4MoeConfig(
+        architectures=["Glm4MoeForCausalLM"], head_dim=32, rope_theta=10000.0,
+        rms_norm_eps=1e-5, n_routed_experts=8, num_experts_per_tok=4, n_group=4, topk_group=2,
+        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True, use_qk_norm=True, attention_bias=True,
+        partial_rotary_factor=0.5, num_nextn_predict_layers=1, tie_word_embeddings=False,
+        pad_token_id=0, eos_token_id=1, bos_token_id=None, **BASE),
 }
+
+# What a GLM-4.5 checkpoint stores for an MTP layer besides a full decoder layer's tensors.
+MTP_TENSORS = {"eh_proj.weight": (64, 128), "enorm.weight": (64,), "hnorm.weight": (64,),
+               "shared_head.norm.weight": (64,), "input_layernorm.weight": (64,),
+               "self_attn.q_proj.weight": (128, 64), "mlp.gate.e_score_correction_bias": (8,),
+               "mlp.experts.0.down_proj.weight": (64, 32)}
 
 
 def randomize_moe_(model: torch.nn.Module, seed: int) -> None:
@@ -54,7 +77,19 @@ def build_moe(case: str, directory: Path, seed: int = 0):
     model.eval()
     model.save_pretrained(directory)
     (Path(directory) / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
-    return config, model, read_saved(Path(directory))
+    saved = read_saved(Path(directory))
+    mtp = getattr(config, "num_nextn_predict_layers", 0) or 0
+    if mtp:  # transformers neither builds nor saves them: add them as real checkpoints have
+        from safetensors.torch import save_file
+
+        gen = torch.Generator().manual_seed(seed + 1)
+        for i in range(mtp):
+            for leaf, shape in MTP_TENSORS.items():
+                name = f"model.layers.{config.num_hidden_layers + i}.{leaf}"
+                saved[name] = torch.randn(shape, generator=gen)
+        assert not (Path(directory) / "model.safetensors.index.json").exists()
+        save_file(saved, str(Path(directory) / "model.safetensors"), metadata={"format": "pt"})
+    return config, model, saved
 
 
 def read_saved(directory: Path) -> dict[str, torch.Tensor]:
