@@ -2,16 +2,20 @@
 
     python -m pytest -q tests/models/test_moe.py
 
-A tiny random MoE model (8 experts, top-2, peaked random router: several experts per token,
-uneven load; dense and MoE layers mixed) is saved by transformers, converted once with
-``convert hf-to-megatron`` (EP=1), and loaded by 4 ranks from that torch_dist checkpoint at
+For each tiny random MoE model (Qwen3-MoE, Qwen2-MoE, GLM-4.5; 8 experts, top-2 or top-4,
+peaked random router: several experts per token, uneven load; dense and MoE layers mixed; see
+``tiny_moe.py``), saved by transformers, converted once with ``convert hf-to-megatron``
+(EP=1), one spawn of 4 ranks loads it from that torch_dist checkpoint at
 (TP, EP, PP) = (1, 1, 1), (2, 1, 1), (1, 2, 1) and (1, 2, 2): megatron-core's own MoE layer
 (all-to-all token dispatcher, SequentialMLP experts) must give transformers' logits (fp32) at
 each layout. The model loaded at EP=2 x PP=2 is saved again (each rank writing its experts) and
-converted back to HF: bit-exact with the source, every tensor.
+converted back to HF: bit-exact with the source, every tensor (GLM-4.5's multi-token-prediction
+layer included, carried in ``hf/extra_tensors.safetensors``).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,7 +50,14 @@ def _forward(model, input_ids):
         return gather_from_tensor_model_parallel_region(out)
 
 
-def _run(rank, world_size, case, ckpt, resaved, reference):
+def _run(rank, world_size, jobs):
+    out = []
+    for case, ckpt, resaved, reference in jobs:
+        out += [dict(r, case=case) for r in _run_case(rank, case, ckpt, resaved, reference)]
+    return out
+
+
+def _run_case(rank, case, ckpt, resaved, reference):
     from pathlib import Path
 
     from megatron.core import parallel_state as ps
@@ -93,29 +104,42 @@ def _run(rank, world_size, case, ckpt, resaved, reference):
     return results
 
 
-@pytest.fixture(scope="module", params=sorted(MOE_CASES))
-def moe_run(request, tmp_path_factory):
-    case = request.param
-    root = tmp_path_factory.mktemp(case)
-    config, model, source = build_moe(case, root / "hf")
-    ckpt = hf_to_megatron(root / "hf", root / "mc", tp=2, progress=False)
-    input_ids = tokens(config.vocab_size)
-    with torch.no_grad():
-        out = model(input_ids, output_router_logits=True)
-    # The router really routes: 2 experts per token, some experts much busier than others.
-    for router_logits in out.router_logits:
-        load = torch.bincount(router_logits.topk(2, dim=-1).indices.flatten(), minlength=8)
-        assert load.max() >= 2 * max(load.min(), 1), load
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory):
     import json
 
-    padded = json.loads((ckpt / "eaft_megatron.json").read_text())["padded_vocab_size"]
-    reference = dict(logits=out.logits, padded=padded)
-    per_rank = spawn(_run, 4, case, str(ckpt), str(root / "resaved"), reference)
-    (root / "resaved" / "hf").mkdir()
-    (root / "resaved" / "hf" / "config.json").write_bytes((ckpt / "hf" / "config.json").read_bytes())
-    back = megatron_to_hf(root / "resaved", root / "back", progress=False)
-    return dict(case=case, source=source, back=read_saved(back),
-                results=[r for rs in per_rank for r in rs])
+    jobs, sources = [], {}
+    for case in sorted(MOE_CASES):
+        root = tmp_path_factory.mktemp(case)
+        config, model, sources[case] = build_moe(case, root / "hf")
+        ckpt = hf_to_megatron(root / "hf", root / "mc", tp=2, progress=False)
+        input_ids = tokens(config.vocab_size)
+        with torch.no_grad():
+            out = model(input_ids, output_router_logits=True)
+        # The router really routes: k experts per token, some much busier than others.
+        k, experts = config.num_experts_per_tok, len(out.router_logits[0][0])
+        for router_logits in out.router_logits:
+            load = torch.bincount(router_logits.topk(k, dim=-1).indices.flatten(),
+                                  minlength=experts)
+            assert load.max() >= 2 * max(load.min(), 1), (case, load)
+        padded = json.loads((ckpt / "eaft_megatron.json").read_text())["padded_vocab_size"]
+        jobs.append((case, str(ckpt), str(root / "resaved"),
+                     dict(logits=out.logits, padded=padded)))
+    per_rank = spawn(_run, 4, jobs)
+    runs = {}
+    for case, ckpt, resaved, _ in jobs:
+        resaved = Path(resaved)
+        # the resaved checkpoint finds its HF side (config, carried MTP tensors) by --hf-config
+        back = megatron_to_hf(resaved, resaved.parent / "back", hf_config=Path(ckpt) / "hf",
+                              progress=False)
+        runs[case] = dict(case=case, source=sources[case], back=read_saved(back),
+                          results=[r for rs in per_rank for r in rs if r["case"] == case])
+    return runs
+
+
+@pytest.fixture(params=sorted(MOE_CASES))
+def moe_run(request, moe_runs):
+    return moe_runs[request.param]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: "tp%d_ep%d_pp%d" % t)
@@ -140,5 +164,7 @@ def test_round_trip_through_ep2_pp2_is_bit_exact(moe_run):
     src, back = moe_run["source"], moe_run["back"]
     assert sorted(src) == sorted(back)
     assert any(".mlp.experts.7.down_proj" in k for k in src)
+    if moe_run["case"] == "glm4_moe":  # the MTP layer (layer num_hidden_layers) came back
+        assert "model.layers.4.eh_proj.weight" in back
     for k in src:
         assert src[k].dtype == back[k].dtype and torch.equal(src[k], back[k]), k
