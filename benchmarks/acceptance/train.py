@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -93,8 +94,13 @@ def _run_trainer(work: Path, out_logs: Path, name: str, *, nproc: int, flags: li
     ms = [float(x.split(":")[1].split("|")[0]) for x in text.splitlines()
           if "elapsed time per iteration (ms):" in x
           for x in [x[x.index("elapsed time per iteration (ms):"):]]]
-    errors = [x.strip() for x in text.splitlines()
-              if ("Error" in x or "error:" in x) and "UserWarning" not in x][-4:]
+    # The ranks' own error lines, not torchrun's report about them.
+    skip = ("File ", "raise ", "error_file", "traceback :")
+    lines = [x.strip() for x in text.splitlines()
+             if x.strip() and "torch/distributed/elastic" not in x and "elastic.multiprocessing"
+             not in x and not x.strip().startswith(skip)]
+    errors = [x for x in lines if re.search(r"error|failed|exception|no targets", x, re.I)
+              and "warn" not in x.lower() and "FAILED" not in x][-3:] or lines[-3:]
     return dict(name=name, rc=rc, timed_out=timed_out, seconds=round(seconds, 1),
                 records=records, ms_per_iter=ms, errors=errors, log=str(log),
                 command=" ".join(cmd), run_dir=str(run_dir))
@@ -137,13 +143,16 @@ def _train_checks(stage: Stage, run: dict, iters: int) -> dict[int, float]:
     with stage.check(f"{name} loss finite and decreasing") as rec:
         values = [r.get(k) for r in train + valid for k in ("loss", "lm_loss")]
         finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-        first, last = losses[min(losses)], losses[max(losses)]
         ms = statistics.median(run["ms_per_iter"]) if run["ms_per_iter"] else None
-        rec.verdict(finite and last < first,
-                    f"loss {first:.4f} (iteration {min(losses)}) -> {last:.4f} (iteration "
-                    f"{max(losses)}), all finite: {finite}; median ms/iter "
-                    f"{ms if ms is None else round(ms, 1)}",
-                    first=first, last=last, ms_per_iter=ms)
+        if not (losses and finite):
+            rec.verdict(False, f"no train records, or a non-finite / missing loss: {values}")
+        else:
+            first, last = losses[min(losses)], losses[max(losses)]
+            rec.verdict(last < first,
+                        f"loss {first:.4f} (iteration {min(losses)}) -> {last:.4f} (iteration "
+                        f"{max(losses)}), all finite; median ms/iter "
+                        f"{ms if ms is None else round(ms, 1)}",
+                        first=first, last=last, ms_per_iter=ms)
     with stage.check(f"{name} checkpoint saved") as rec:
         tracker = Path(run["run_dir"]) / "latest_checkpointed_iteration.txt"
         saved = tracker.read_text().strip() if tracker.is_file() else None
