@@ -240,6 +240,7 @@ def atomic_output(out: PathLike, *, inputs: Inputs = (), force: bool = False,
         tmp.mkdir()
     try:
         yield tmp
+        check_output(out, force=force, directory=directory)  # nothing appeared meanwhile
         if not directory:
             os.replace(tmp, out)
         elif out.exists():

@@ -150,8 +150,14 @@ def save_model_checkpoint(
             state[f"model{i}"] = m.sharded_state_dict()
     if consume:
         _expand_factories(state, consume=True)
-    with in_process_checkpoint_writes():  # no spawned manager process (compat.processes)
-        dist_checkpointing.save(state, str(path))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with in_process_checkpoint_writes():  # no spawned manager process (compat.processes)
+            dist_checkpointing.save(state, str(path))
+    except CheckpointException as e:
+        _reraise_interrupt(e)
+        raise
     if dist.get_rank() == 0:
         tmp = root / (TRACKER + ".tmp")
         tmp.write_text(str(iteration))
@@ -198,6 +204,7 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> No
         for name in sharded:
             loaded[name].update(later[name])
     except (Exception, CheckpointException) as e:  # (CheckpointException is a BaseException)
+        _reraise_interrupt(e)
         raise ConversionError(f"cannot load model weights from {iteration_dir}: "
                               f"{_first_line(e)}") from e
     for i, m in enumerate(models):
@@ -212,11 +219,21 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> No
             raise ConversionError(f"checkpoint {iteration_dir} lacks parameters: {missing[:10]}")
 
 
+def _failures(e: BaseException) -> list[BaseException]:
+    """The per-rank exceptions a DCP CheckpointException wraps (none for other exceptions)."""
+    failures = getattr(e, "failures", None) or {}
+    return [f[0] if isinstance(f, tuple) else f for f in failures.values()]  # (exc, traceback)
+
+
+def _reraise_interrupt(e: BaseException) -> None:
+    """DCP wraps whatever its steps raise, Ctrl-C / SIGTERM included: let those through."""
+    for inner in _failures(e):
+        if isinstance(inner, KeyboardInterrupt):
+            raise inner from None
+
+
 def _first_line(e: BaseException) -> str:
     """A one-line reason: DCP wraps the failure of each rank into a long multi-line text."""
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        inner = next(iter(failures.values()))  # (exception, traceback summary)
-        e = inner[0] if isinstance(inner, tuple) else inner
+    e = next(iter(_failures(e)), e)
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:300]}"

@@ -313,9 +313,13 @@ def test_sigterm_and_kill9_then_rerun_leave_nothing_and_no_process(tmp_path):
     def tmp_dirs():
         return [p for p in tmp_path.iterdir() if p.name.startswith(".mcore.tmp-")]
 
-    # SIGTERM while the temporary output exists: removed, with a message, exit 128 + 15.
+    def saving():  # torch_dist is writing the data file
+        return any((d / "iter_0000000" / "__0_0.distcp").exists() for d in tmp_dirs())
+
+    # SIGTERM in the middle of the save (torch's checkpointing wraps what its steps raise):
+    # the temporary output is removed, with a message, exit 128 + 15.
     w = _Watch(argv)
-    assert w.poll_until(lambda: tmp_dirs()), w.finish()
+    assert w.poll_until(saving), w.finish()
     w.p.send_signal(signal.SIGTERM)
     rc, err = w.finish()
     assert rc == 128 + signal.SIGTERM, err
@@ -324,8 +328,7 @@ def test_sigterm_and_kill9_then_rerun_leave_nothing_and_no_process(tmp_path):
 
     # kill -9 while torch_dist is writing the data file: the temporary stays behind.
     w = _Watch(argv)
-    assert w.poll_until(lambda: any((d / "iter_0000000" / "__0_0.distcp").exists()
-                                    for d in tmp_dirs())), w.finish()
+    assert w.poll_until(saving), w.finish()
     w.p.kill()
     w.p.wait()
     killed = w.p.pid
