@@ -30,6 +30,8 @@ JSON line per logged iteration / evaluation in ``<--log-dir or --save>/metrics.j
 ``guard.py``    non-finite guard (loss, gradient norm, parameters before save), no roll-back save
 ``steps.py``    model provider, forward step + loss function, datasets provider
 ``metrics.py``  ``metrics.jsonl`` (hooks on Megatron's ``training_log`` / ``evaluate``)
+``landscape.py`` ``--eaft-landscape DIR``: entropy x p(label) histogram, most conflicting
+                conversations (file and line), picture; ``python -m ...landscape plot``
 ``patching.py`` wrapping functions of Megatron's training loop
 ==============  ==============================================================================
 """

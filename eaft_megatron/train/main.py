@@ -31,6 +31,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "directory stored with the checkpoint)")
     group.add_argument("--log-dir", default=None,
                        help="where metrics.jsonl goes (default: --save; none without either)")
+    from .landscape import add_landscape_args
+
+    add_landscape_args(group)
     return parser
 
 
@@ -238,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = args.log_dir or args.save
     log = MetricsLog(log_dir, enabled=args.rank == args.world_size - 1, loss_type=args.loss_type)
     install_metrics_hooks(log)
+    if args.eaft_landscape:
+        from .landscape import Landscape, check_landscape_args, install_landscape_hooks
+
+        problem = check_landscape_args(args)
+        if problem:
+            return _error(problem)
+        install_landscape_hooks(Landscape(args, hf_dir=str(info.hf_dir)))
     install_guard()
     log.on_start(resumed=start.iteration > 0, iteration=start.iteration,
                  checkpoint=start.load, finetune=start.finetune)

@@ -23,7 +23,7 @@ from .guard import check_loss
 __all__ = ["datasets_provider", "forward_step", "loss_func", "model_provider"]
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask", "cu_seqlens",
-              "max_seqlen")
+              "max_seqlen", "first_conversation", "sample_index")
 
 
 def _uses_te(args: Any) -> bool:
@@ -74,11 +74,14 @@ def get_batch(data_iterator: Any, args: Any) -> dict[str, Any]:
 
 
 def loss_func(loss_mask: torch.Tensor, config: EAFTLossConfig, where: str,
-              output_tensor: torch.Tensor):
+              output_tensor: torch.Tensor, landscape: Any = None):
     """Megatron's per-token loss contract; a non-finite loss stops the run (:mod:`.guard`),
-    whether or not ``--check-for-nan-in-loss-and-grad`` is on."""
+    whether or not ``--check-for-nan-in-loss-and-grad`` is on. ``landscape``: the
+    :mod:`.landscape` collector of this micro-batch (evaluations that write one)."""
     loss_sum, num_tokens, report = reduce_eaft_loss(loss_mask, output_tensor, config)
     check_loss(loss_sum, where=where, loss_type=config.loss_type)
+    if landscape is not None:
+        landscape(output_tensor)
     return loss_sum, num_tokens, report
 
 
@@ -105,7 +108,11 @@ def forward_step(data_iterator: Any, model: Any, return_schedule_plan: bool = Fa
                    packed_seq_params=batch["packed_seq_params"], **fused)
     config = EAFTLossConfig.from_args(args)  # thresholds for the report; vocab not needed
     where = "train" if model.training else "evaluation"
-    return output, partial(loss_func, batch["loss_mask"], config, where)
+    from .landscape import active
+
+    landscape = active()
+    hook = landscape.hook(batch) if landscape is not None and not model.training else None
+    return output, partial(loss_func, batch["loss_mask"], config, where, landscape=hook)
 
 
 def datasets_provider(train_valid_test_num_samples: list[int], vp_stage: int | None = None):
