@@ -114,11 +114,13 @@ TOLERANCES = {
     # Gradient: returned in the input dtype (bf16 rounding: 2^-9 relative).
     "op_grad_fp32": dict(atol=1e-9, rtol=5e-5),
     "op_grad_bf16": dict(atol=1e-9, rtol=8e-3),
-    # Fused vs unfused (same dtype). bf16: both compute bf16 logits with fp32 GEMM accumulation
-    # in different chunkings, so a logit may round to the neighbouring bf16 value (half an ulp
-    # of |z| < 8: <= 0.03 in one token's CE); the mean error stays far smaller.
+    # Fused vs unfused (same dtype). bf16: both round fp32-accumulated GEMM results to bf16
+    # logits, with different chunkings (GEMM shapes), so a logit may land on the neighbouring
+    # bf16 value: one ulp, <= 2^-7 of it. When that logit is the row maximum, which dominates
+    # the log-sum-exp, CE = lse - z_label (>= the maximum's size here) moves by as much:
+    # rtol 2^-7. The mean error stays far smaller.
     "fused_loss_fp32": dict(atol=1e-4, rtol=1e-5),
-    "fused_loss_bf16": dict(atol=6e-2, rtol=0.0),
+    "fused_loss_bf16": dict(atol=2e-2, rtol=8e-3),
     "fused_loss_mean_bf16": 2e-3,
     "fused_grad_rel_fp32": 1e-4,
     "fused_grad_rel_bf16": 3e-2,
@@ -225,10 +227,10 @@ def sync(device) -> None:
 
 
 def strict_fp32() -> None:
+    """fp32 GEMMs in full precision (no TF32), whatever a library may have set."""
     import torch
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
 
 
 def compare(actual, expected, atol: float, rtol: float) -> tuple[float, float]:
