@@ -318,3 +318,25 @@ def test_install_uninstall_is_idempotent_and_restores(monkeypatch):
     for o, n in targets:
         assert getattr(o, n) is before[(id(o), n)], n
     assert len(torch.overrides._get_current_function_mode_stack()) == modes_before
+
+
+def test_moe_dispatcher_stand_ins():
+    """The all-to-all MoE dispatcher's CPU needs: streams compare equal (no record_stream of a
+    CPU tensor), record_event returns something to synchronize, split sizes become host arrays
+    (gloo's all_to_all_single takes int sequences). End to end: tests/models/test_moe.py."""
+    import numpy as np
+
+    from eaft_megatron.compat import cpu_compat
+
+    with cpu_compat() as installed:
+        if not installed:
+            pytest.skip("CUDA present: nothing is patched")
+        import megatron.core.transformer.moe.token_dispatcher as td
+
+        side = torch.cuda.Stream()
+        assert torch.cuda.current_stream() == side
+        side.record_event().synchronize()
+        sizes = td.maybe_move_tensor_to_cpu(torch.tensor([3, 1]), as_numpy=True)
+        assert isinstance(sizes, np.ndarray) and sizes.tolist() == [3, 1]
+        kept = torch.tensor([2])
+        assert td.maybe_move_tensor_to_cpu(kept) is kept

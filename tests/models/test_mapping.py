@@ -143,9 +143,10 @@ def test_errors():
     config = CASES["qwen2"]()
     config.architectures = ["LlamaForCausalLM"]
     with pytest.raises(ValueError, match="unsupported architecture 'LlamaForCausalLM'.*"
-                       "Glm4ForCausalLM, GlmForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+                       "Glm4ForCausalLM, Glm4MoeForCausalLM, GlmForCausalLM, Qwen2ForCausalLM, "
+                       "Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"):
         get_arch(config)
-    assert len(ARCHITECTURES) == 4
+    assert len(ARCHITECTURES) == 7
 
     config = CASES["qwen2"]()
     with pytest.raises(ValueError, match="tensor parallel size 4 does not divide "
