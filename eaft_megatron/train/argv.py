@@ -144,7 +144,47 @@ def architecture_flags(hf_config: Any) -> tuple[list[tuple[str, str]], list[str]
         switches.append("--rotary-interleaved")
     if not kw["share_embeddings_and_output_weights"]:
         switches.append("--untie-embeddings-and-output-weights")
+    if c.num_moe_experts:  # mixture of experts: megatron-core's MoE layer, as the HF router
+        values += [
+            ("--num-experts", c.num_moe_experts),
+            ("--moe-router-topk", c.moe_router_topk),
+            ("--moe-ffn-hidden-size", c.moe_ffn_hidden_size),
+            ("--moe-router-score-function", c.moe_router_score_function),
+            ("--moe-layer-freq", "[" + ",".join(map(str, c.moe_layer_freq)) + "]"),
+        ]
+        if c.moe_router_pre_softmax:
+            switches.append("--moe-router-pre-softmax")
+        if c.moe_shared_expert_intermediate_size:
+            values.append(("--moe-shared-expert-intermediate-size",
+                           c.moe_shared_expert_intermediate_size))
+        if c.moe_shared_expert_gate:
+            switches.append("--moe-shared-expert-gate")
+        if c.moe_router_enable_expert_bias:
+            switches.append("--moe-router-enable-expert-bias")
+        if c.moe_router_num_groups:
+            values += [("--moe-router-num-groups", c.moe_router_num_groups),
+                       ("--moe-router-group-topk", c.moe_router_group_topk)]
+        if c.moe_router_topk_scaling_factor:
+            values.append(("--moe-router-topk-scaling-factor",
+                           float(c.moe_router_topk_scaling_factor)))
     return [(f, _fmt(v)) for f, v in values], switches
+
+
+def moe_training_flags(hf_config: Any) -> list[tuple[str, str]]:
+    """MoE training settings that follow the HF model unless the user sets them: the
+    load-balancing loss (``router_aux_loss_coef``), the all-to-all token dispatcher, the
+    router's dtype (fp32 where the HF router computes in fp32)."""
+    from ..models.config import moe_config_from_hf
+
+    moe = moe_config_from_hf(hf_config)
+    if not moe:
+        return []
+    flags = [("--moe-router-load-balancing-type", moe["moe_router_load_balancing_type"]),
+             ("--moe-aux-loss-coeff", _fmt(float(moe["moe_aux_loss_coeff"]))),
+             ("--moe-token-dispatcher-type", moe["moe_token_dispatcher_type"])]
+    if moe.get("moe_router_dtype"):
+        flags.append(("--moe-router-dtype", moe["moe_router_dtype"]))
+    return flags
 
 
 def _same(a: str, b: str) -> bool:
@@ -218,6 +258,16 @@ def check_parallel_sizes(argv: list[str], hf_config: Any) -> None:
     if heads % tp or groups % tp:
         raise TrainArgError(f"--tensor-model-parallel-size {tp} does not divide the model's "
                             f"{heads} attention heads and {groups} query groups")
+    ep = _int_flag(argv, "--expert-model-parallel-size", 1)
+    etp = _int_flag(argv, "--expert-tensor-parallel-size", tp)
+    if ep != 1 or etp != tp:
+        from ..models import check_parallel_sizes as check_model_sizes
+
+        try:
+            check_model_sizes(hf_config, tp, 1, ep, etp)
+        except ValueError as e:
+            raise TrainArgError(f"--expert-model-parallel-size {ep} / "
+                                f"--expert-tensor-parallel-size {etp}: {e}") from None
     if layers % pp and not (_has(argv, "--decoder-first-pipeline-num-layers") or
                             _has(argv, "--decoder-last-pipeline-num-layers")):
         raise TrainArgError(f"--pipeline-model-parallel-size {pp} does not divide the model's "
@@ -308,6 +358,30 @@ def check_checkpoint_files(root: str, iteration: int | None) -> None:
         raise TrainArgError(str(e)) from None
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def gpu_fallback_flags(*, te_available: bool) -> list[str]:
+    """On a GPU, Megatron-LM's defaults assume transformer-engine and apex: without TE the
+    local spec and no rope fusion; without apex's CUDA extensions no gradient-accumulation
+    fusion (fused_weight_gradient_mlp_cuda), masked-softmax fusion (scaled_masked_softmax_cuda)
+    or persistent layer norm."""
+    flags = [] if te_available else ["--transformer-impl local", "--no-rope-fusion"]
+    if not _importable("fused_weight_gradient_mlp_cuda"):
+        flags.append("--no-gradient-accumulation-fusion")
+    if not _importable("scaled_masked_softmax_cuda"):
+        flags.append("--no-masked-softmax-fusion")
+    if not _importable("fast_layer_norm"):
+        flags.append("--no-persist-layer-norm")
+    return flags
+
+
 def complete_argv(argv: list[str], *, cpu: bool, te_available: bool) -> tuple[list[str], LaunchInfo]:
     """``argv`` (without the program name) with the flags above added; see the module doc."""
     from ..convert import load_hf_config
@@ -337,6 +411,9 @@ def complete_argv(argv: list[str], *, cpu: bool, te_available: bool) -> tuple[li
     for flag in switches:
         if not _has(argv, flag):
             add(flag)
+    for flag, value in moe_training_flags(hf_config):
+        if not _has(argv, flag):
+            add(flag, value)
     if not _has(argv, "--tokenizer-type"):
         add("--tokenizer-type", "NullTokenizer", "--vocab-size", str(hf_config.vocab_size))
     if not _has(argv, "--seq-length") and summary is not None:
@@ -357,7 +434,9 @@ def complete_argv(argv: list[str], *, cpu: bool, te_available: bool) -> tuple[li
             if not _has(argv, flag):
                 add(*flags[i:i + 1 + has_value])
             i += 1 + has_value
-    elif not te_available and not _has(argv, "--transformer-impl"):
-        add("--transformer-impl", "local")
+    else:
+        for flag in gpu_fallback_flags(te_available=te_available):
+            if not _has(argv, flag.split()[0]):
+                add(*flag.split())
     return argv + added, LaunchInfo(hf_dir=hf_dir, hf_config=hf_config, cpu=cpu, added=added,
                                     start=start)

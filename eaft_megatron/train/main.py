@@ -95,6 +95,19 @@ def _store_hf_dir(hf_dir: Path, save: str) -> None:
     os.replace(tmp, target)
 
 
+def _skip_helper_build() -> None:
+    """``pretrain()`` runs ``make`` to build megatron-core's dataset helpers, on a Makefile the
+    pip wheel lacks (exit 1); the wheel ships the built ``helpers_cpp``: skip the build when it
+    imports (the CPU layer does the same on CPU)."""
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError:
+        return
+    import megatron.core.datasets.utils as datasets_utils
+
+    datasets_utils.compile_helpers = lambda: None
+
+
 def _setup_cpu(args: Any) -> None:
     """What Megatron's initialisation skips without CUDA: gloo, model parallel, CUDA-RNG seeds.
 
@@ -235,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     args.padded_vocab_size = _padded_vocab(args, info.hf_config)
     if cpu:
         _setup_cpu(args)
+    else:
+        _skip_helper_build()
     if args.save and args.rank == 0:
         os.makedirs(args.save, exist_ok=True)
         _store_hf_dir(info.hf_dir, args.save)

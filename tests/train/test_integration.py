@@ -199,6 +199,9 @@ def test_complete_argv(tmp_path):
                             te_available=False)
     assert flag_value(argv, "--transformer-impl") == "local" and "--use-cpu-initialization" \
         not in argv
+    for flag in ("--no-rope-fusion", "--no-gradient-accumulation-fusion",  # GPU without TE/apex
+                 "--no-masked-softmax-fusion"):
+        assert flag in argv, flag
     with pytest.raises(TrainArgError, match="--hidden-size 128 disagrees"):
         complete_argv(["--hf-config", str(tmp_path / "ckpt" / "hf"), "--hidden-size", "128"],
                       cpu=True, te_available=False)
