@@ -174,8 +174,12 @@ def test_nonfinite_loss_stops_naming_the_iteration(monkeypatch):
         loss_func(mask, EAFTLossConfig(), "train", torch.tensor([[1.0, float("inf"), 3.0]]))
 
 
-def test_complete_argv(tmp_path):
+def test_complete_argv(tmp_path, monkeypatch):
+    import eaft_megatron.train.argv as argv_module
     from eaft_megatron.train.argv import TrainArgError, complete_argv, flag_value
+
+    # a hand-made checkpoint layout; its files are validated in tests/train/test_restart.py
+    monkeypatch.setattr(argv_module, "check_checkpoint_files", lambda root, iteration: None)
     from tests.train.fixtures import hf_config
 
     hf_config().save_pretrained(tmp_path / "ckpt" / "hf")
