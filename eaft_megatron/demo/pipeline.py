@@ -275,9 +275,11 @@ def _megatron_logits(ckpt: Path, ids):
                                 **{**kwargs, "params_dtype": torch.float32})
         load_model_weights([model], iter_dir)
         model.eval()
+        device = next(model.parameters()).device  # the GPU when there is one
         s = ids.shape[1]
         with torch.no_grad():
-            return model(ids, torch.arange(s).unsqueeze(0), None)
+            logits = model(ids.to(device), torch.arange(s, device=device).unsqueeze(0), None)
+        return logits.float().cpu()
 
 
 def _quiet_known_notices() -> None:
