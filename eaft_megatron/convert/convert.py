@@ -136,21 +136,39 @@ def _parameters(model) -> dict[str, torch.Tensor]:
             if not k.endswith("_extra_state")}
 
 
+def _pass_through(arch, hf_config, reader: SafetensorsReader) -> dict[str, str]:
+    """HF name -> Megatron name of the tensors the mapping hands over unchanged (renames and
+    the unpadded vocabulary tensors), found by running it on meta tensors (which also raises
+    its shape errors before any work). Those are read straight into their parameter."""
+    from .. import models
+
+    requested: list[tuple[str, torch.Tensor]] = []
+
+    def get(name: str) -> torch.Tensor:
+        requested.append((name, reader.meta(name)))
+        return requested[-1][1]
+
+    found = {}
+    for megatron_name, t in _mapped(models.hf_to_megatron(
+            arch, hf_config, get, padded_vocab=hf_config.vocab_size, te=False)):
+        if len(requested) == 1 and t is requested[0][1]:
+            found[requested[0][0]] = megatron_name
+        requested.clear()
+    return found
+
+
 def _fill(name: str, param: torch.Tensor, tensor: torch.Tensor) -> None:
-    """Copy a converted tensor into its parameter; a vocabulary tensor [V, ...] goes into the
-    first V rows of the padded parameter and the padding rows are zeroed, in place (no padded
-    copy of the tensor is ever made)."""
-    if tensor.shape == param.shape:
-        param.copy_(tensor)
-        return
-    rows = tensor.shape[0] if tensor.dim() else 0
-    if (name.startswith(_VOCAB_PARAMS) and tensor.shape[1:] == param.shape[1:]
-            and 0 < rows < param.shape[0]):
-        param[:rows].copy_(tensor)
-        param[rows:].zero_()  # zero output rows: padded tokens get a logit of exactly 0
-        return
-    raise ConversionError(f"shape mismatch for {name}: converted {tuple(tensor.shape)}, "
-                          f"Megatron model expects {tuple(param.shape)}")
+    """Put a converted tensor into its parameter (unless it was read there in place); a
+    vocabulary tensor [V, ...] fills the first V rows of the padded parameter and the padding
+    rows are zeroed, in place: no padded copy of it is ever made."""
+    padded_rows = (name.startswith(_VOCAB_PARAMS) and tensor.dim() > 0
+                   and tensor.shape[1:] == param.shape[1:] and tensor.shape[0] < param.shape[0])
+    if tensor.shape != param.shape and not padded_rows:
+        raise ConversionError(f"shape mismatch for {name}: converted {tuple(tensor.shape)}, "
+                              f"Megatron model expects {tuple(param.shape)}")
+    if tensor.data_ptr() != param.data_ptr():
+        param[:len(tensor)].copy_(tensor)
+    param[len(tensor):].zero_()  # padding rows (none but for vocabulary tensors): logit 0
 
 
 def hf_to_megatron(
@@ -193,12 +211,23 @@ def hf_to_megatron(
         raise ConversionError(f"{len(extra)} tensor(s) in {hf_dir} are not consumed by the "
                               f"{arch.hf_architecture} mapping (wrong architecture?): {extra[:8]}")
 
+    direct = _pass_through(arch, hf_config, reader)
+
     with atomic_output(out, inputs=inputs, force=force) as tmp, megatron_process_group():
         model = _build_model(hf_config, padded_vocab=padded_vocab, dtype=torch_dtype)
-        params = _parameters(model)
+        params = {k: v.detach() for k, v in _parameters(model).items()}
         filled: set[str] = set()
+
+        def get(hf_name: str) -> torch.Tensor:  # pass-through tensors: read into the parameter
+            target, source = params.get(direct.get(hf_name, "")), reader.meta(hf_name)
+            if (target is not None and source.dtype == target.dtype and source.dim() > 0
+                    and source.shape[1:] == target.shape[1:]
+                    and source.shape[0] <= target.shape[0]):
+                return reader.read_into(hf_name, target[:source.shape[0]])
+            return reader.get(hf_name)
+
         # Unpadded vocabulary from the mapping: _fill pads in place.
-        stream = _mapped(models.hf_to_megatron(arch, hf_config, reader.get,
+        stream = _mapped(models.hf_to_megatron(arch, hf_config, get,
                                                padded_vocab=hf_config.vocab_size, te=False))
         with torch.no_grad(), Progress(total=len(params), desc="hf -> megatron", unit="tensors",
                                        enabled=progress) as bar:

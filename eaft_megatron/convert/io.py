@@ -7,6 +7,7 @@ cleanup) are :mod:`eaft_megatron.paths`.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -109,9 +110,15 @@ def _check_entry(path: Path, name: str, entry, data_size: int):
     return _ST_DTYPES[dtype], shape, begin, end
 
 
-def _bytes_view(t: torch.Tensor):
-    """A zero-copy writable/readable byte view of a contiguous CPU tensor."""
-    return memoryview(t.view(-1).view(torch.uint8).numpy())
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """A zero-copy writable byte view of a contiguous CPU tensor's memory (it keeps ``t``
+    alive). Not through ``.numpy()``, which would make the tensor's storage non-resizable."""
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(bytearray())
+    buffer = (ctypes.c_char * n).from_address(t.data_ptr())
+    buffer.tensor = t
+    return memoryview(buffer).cast("B")
 
 
 class SafetensorsReader:
@@ -157,11 +164,26 @@ class SafetensorsReader:
     def names(self) -> list[str]:
         return sorted(self._entries)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _entry(self, name: str):
         if name not in self._entries:
             raise ConversionError(f"tensor {name!r} not found in {self.directory}")
-        path, data_start, (dtype, shape, begin, end) = self._entries[name]
-        out = torch.empty(shape, dtype=dtype)
+        return self._entries[name]
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A tensor of ``name``'s shape and dtype on the meta device (no data)."""
+        _, _, (dtype, shape, _, _) = self._entry(name)
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def get(self, name: str) -> torch.Tensor:
+        _, _, (dtype, shape, _, _) = self._entry(name)
+        return self.read_into(name, torch.empty(shape, dtype=dtype))
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read ``name`` into ``out`` (contiguous, CPU, same shape and dtype); return ``out``."""
+        path, data_start, (dtype, shape, begin, _) = self._entry(name)
+        if list(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"cannot read {name!r} ({shape} {dtype}) into {tuple(out.shape)} "
+                             f"{out.dtype}")
         with open(path, "rb", buffering=0) as f:
             f.seek(data_start + begin)
             view, done = _bytes_view(out), 0
