@@ -275,7 +275,8 @@ def _megatron_logits(ckpt: Path, ids):
                                 **{**kwargs, "params_dtype": torch.float32})
         load_model_weights([model], iter_dir)
         model.eval()
-        device = next(model.parameters()).device  # the GPU when there is one
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)  # loaded weights may sit on the host
         s = ids.shape[1]
         with torch.no_grad():
             logits = model(ids.to(device), torch.arange(s, device=device).unsqueeze(0), None)
