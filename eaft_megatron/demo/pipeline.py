@@ -12,7 +12,9 @@ Steps (each says what it does and where its output is):
  4. the trainer, ``torchrun -m eaft_megatron.train`` with EAFT on ``--tp x --pp`` ranks (gloo
     and fp32 on CPU; NCCL and bf16 on GPU), validating on held-out conversations (no prompt of
     them is in the training data), narrated from ``metrics.jsonl``; ``run/curves.png`` and
-    ``run/tensorboard`` show the curves;
+    ``run/tensorboard`` show the curves; the entropy-probability landscape of the held-out data
+    before (an evaluation-only run) and after training (``landscape/before``, ``landscape/after``,
+    ``landscape/comparison.png``) with the share of confident conflicts;
  5. ``convert megatron-to-hf`` of the trained checkpoint;
  6. ``transformers`` loads the result and generates, and its logits are compared with the
     Megatron model's on the same tokens.
@@ -101,8 +103,39 @@ def _have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _landscape_before(args, sizes: Sizes, ckpt: Path, valid: Path, valid_samples: int,
+                      out: Path) -> dict | None:
+    """An evaluation-only run of the trainer on the converted model (before any training):
+    its entropy-probability landscape on the held-out conversations, into ``out``."""
+    import torch
+
+    nproc = args.nproc or args.tp * args.pp
+    micro = max(1, sizes.global_batch // max(1, nproc // (args.tp * args.pp)) // 4)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        "-m", "eaft_megatron.train", "--load", str(ckpt), "--data-path", str(valid),
+        "--eval-only", "--tensor-model-parallel-size", str(args.tp),
+        "--pipeline-model-parallel-size", str(args.pp),
+        "--micro-batch-size", str(micro), "--global-batch-size", str(sizes.global_batch),
+        "--eval-iters", str(max(1, valid_samples // sizes.global_batch)),
+        "--loss-type", args.loss_type, "--num-workers", "0", "--log-dir", str(out.parent),
+        "--eaft-landscape", str(out),
+    ] + (["--bf16"] if torch.cuda.is_available() else [])
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONWARNINGS="ignore")
+    log = out.parent / "before.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        print(f"  (the evaluation-only run failed, exit {proc.returncode}; see {log})")
+        return None
+    return json.loads((out / "landscape.json").read_text())
+
+
 def _train(args, sizes: Sizes, ckpt: Path, data: Path, valid: Path, valid_samples: int,
-           run: Path) -> list[dict]:
+           run: Path, landscape: Path | None = None) -> list[dict]:
     """torchrun the trainer with Megatron-LM's restart idiom (``--load RUN --save RUN
     --pretrained-checkpoint CKPT``), evaluating on the held-out conversations; narrate from
     ``metrics.jsonl`` while it runs."""
@@ -136,7 +169,7 @@ def _train(args, sizes: Sizes, ckpt: Path, data: Path, valid: Path, valid_sample
         "--log-interval", str(max(1, iters // 10)),
         "--save-interval", str(iters), "--ckpt-format", "torch_dist",
         "--loss-type", args.loss_type, "--num-workers", "0",
-    ]
+    ] + (["--eaft-landscape", str(landscape)] if landscape is not None else [])
     if _have("tensorboard"):
         cmd += ["--tensorboard-dir", str(run / "tensorboard"), "--tensorboard-log-interval",
                 str(max(1, iters // 10))]
@@ -296,6 +329,27 @@ def _quiet_known_notices() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _report_landscapes(root: Path, before: dict | None) -> dict:
+    """Print the confident-conflict share before and after training; draw both side by side."""
+    after_file = root / "after" / "landscape.json"
+    after = json.loads(after_file.read_text()) if after_file.is_file() else None
+    shares = {name: (r["confident_conflicts"] if r else None)
+              for name, r in (("before", before), ("after", after))}
+    if after is not None:
+        print(f"  confident conflicts on the held-out data: "
+              + (f"{100 * before['confident_conflicts']:.2f}% before -> " if before else "")
+              + f"{100 * after['confident_conflicts']:.2f}% after training "
+              f"(entropy < {after['thresholds']['entropy']} and p(label) < "
+              f"{after['thresholds']['prob']}); most conflicting conversations: "
+              f"{root / 'after' / 'samples.jsonl'}")
+    if before is not None and after is not None and _have("matplotlib"):
+        from ..train.landscape import plot_landscapes
+
+        plot_landscapes([before, after], root / "comparison.png")
+        print(f"  landscapes: {root / 'comparison.png'}")
+    return shares
+
+
 def run_demo(args: argparse.Namespace) -> dict:
     _quiet_known_notices()
     sizes = QUICK if args.quick else FULL
@@ -343,8 +397,15 @@ def run_demo(args: argparse.Namespace) -> dict:
                    f"(torchrun, TP={args.tp} x PP={args.pp}), validating on the held-out "
                    f"conversations -> {work / 'run'}")
     run = work / "run"
+    valid_samples = _sample_count(summaries["valid"])
+    before = _landscape_before(args, sizes, ckpt, work / "data" / "valid", valid_samples,
+                               work / "landscape" / "before")
+    if before is not None:
+        print(f"  before training (evaluation-only run): confident conflicts "
+              f"{100 * before['confident_conflicts']:.2f}% of {before['tokens']} held-out "
+              f"tokens -> {work / 'landscape' / 'before'}", flush=True)
     records = _train(args, sizes, ckpt, work / "data" / "train", work / "data" / "valid",
-                     _sample_count(summaries["valid"]), run)
+                     valid_samples, run, landscape=work / "landscape" / "after")
     train_recs = [r for r in records if r.get("kind") == "train"]
     if train_recs:
         a, b = train_recs[0], train_recs[-1]
@@ -358,6 +419,8 @@ def run_demo(args: argparse.Namespace) -> dict:
           + (f"; TensorBoard: tensorboard --logdir {run / 'tensorboard'}"
              if (run / "tensorboard").is_dir() else ""))
 
+    landscapes = _report_landscapes(work / "landscape", before)
+
     _say(5, total, f"Converting the trained checkpoint back to Hugging Face -> {work / 'hf_sft'}")
     hf_out = megatron_to_hf(run, work / "hf_sft", progress=True)
 
@@ -368,6 +431,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     elapsed = time.perf_counter() - started
     result = dict(workdir=str(work), hf_model=str(hf_dir), checkpoint=str(ckpt),
                   data_summary=summaries, metrics=records, hf_export=str(hf_out), check=check,
+                  landscapes=landscapes,
                   seconds=round(elapsed, 1))
     (work / "demo_result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"\nDone in {elapsed:.0f} s. Everything is under {work} (summary: demo_result.json).")

@@ -41,6 +41,7 @@ from eaft_megatron import vocab_parallel_eaft_cross_entropy
 from report import METHODS, analyse, write_outputs  # examples/forgetting/report.py
 
 GENERAL_TASKS = ("copy", "reverse", "sort", "shift")
+LANDSCAPES: dict[int, dict] = {}  # seed -> base landscape of the domain data (noisy / clean)
 TASKS = GENERAL_TASKS + ("domain",)
 PAD, SEP = 0, 1
 TASK_TOKEN = {task: 2 + i for i, task in enumerate(TASKS)}
@@ -253,19 +254,40 @@ def finetune(base: TinyGPT, cfg: Config, method: str, lr: float, data: dict, tes
     perm, pos = torch.randperm(n, generator=gen), 0
     rows, w_sum = [], {"clean": 0.0, "noisy": 0.0}
     counts = {"clean": 0, "noisy": 0}
+    # What the noisy labels carry of the optimised objective: their share of sum(w * CE) (every
+    # step) and of the gradient (at checkpoints: ||g_noisy|| / (||g_noisy|| + ||g_clean||), the
+    # gradient of the batch loss split into its noisy-label and clean-label terms).
+    share = {"loss_noisy": 0.0, "loss_all": 0.0, "grad": []}
+    params = [p for p in model.parameters() if p.requires_grad]
     for step in range(1, cfg.finetune_steps + 1):
         if pos + cfg.finetune_batch > n:
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos: pos + cfg.finetune_batch]
         pos += cfg.finetune_batch
-        loss, stats = loss_fn(model(inputs[idx]), targets[idx], method)
+        per_token, stats = vocab_parallel_eaft_cross_entropy(
+            model(inputs[idx]), targets[idx], loss_type=method, top_k=20, alpha=1.0,
+            return_stats=True)
+        loss = per_token.sum() / stats.mask.sum()
+        is_noisy = noisy[idx] & stats.mask
+        share["loss_noisy"] += float(per_token.detach()[is_noisy].sum())
+        share["loss_all"] += float(per_token.detach().sum())
+        measure = step % cfg.eval_every == 0 or step == cfg.finetune_steps
         opt.zero_grad(set_to_none=True)
+        if measure:  # a second forward: the op's backward runs once per graph
+            again = vocab_parallel_eaft_cross_entropy(model(inputs[idx]), targets[idx],
+                                                      loss_type=method, top_k=20, alpha=1.0)
+            g_noisy = torch.autograd.grad(again[is_noisy].sum() / stats.mask.sum(), params,
+                                          allow_unused=True)
         loss.backward()
+        if measure:
+            n_noisy = math.sqrt(sum(float((g ** 2).sum()) for g in g_noisy if g is not None))
+            n_clean = math.sqrt(sum(float(((p.grad - (g if g is not None else 0)) ** 2).sum())
+                                    for p, g in zip(params, g_noisy)))
+            share["grad"].append(n_noisy / (n_noisy + n_clean) if n_noisy + n_clean else 0.0)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         # Mean weight the method gives to noisy vs clean labels (what the gate does).
-        is_noisy = noisy[idx] & stats.mask
         is_clean = stats.mask & ~noisy[idx]
         w_sum["noisy"] += stats.weight[is_noisy].sum().item()
         w_sum["clean"] += stats.weight[is_clean].sum().item()
@@ -275,7 +297,11 @@ def finetune(base: TinyGPT, cfg: Config, method: str, lr: float, data: dict, tes
             acc = evaluate(model, test_sets)
             w_mean = {k: w_sum[k] / counts[k] if counts[k] else float("nan") for k in w_sum}
             rows.append(dict(seed=seed, method=method, lr=lr, step=step, **acc,
-                             w_clean=w_mean["clean"], w_noisy=w_mean["noisy"]))
+                             w_clean=w_mean["clean"], w_noisy=w_mean["noisy"],
+                             loss_share_noisy=share["loss_noisy"] / share["loss_all"],
+                             grad_share_noisy=sum(share["grad"]) / len(share["grad"]),
+                             token_share_noisy=counts["noisy"] / (counts["noisy"] +
+                                                                  counts["clean"])))
     return rows
 
 
@@ -287,6 +313,33 @@ def base_diagnostics(model: TinyGPT, data: dict, test_sets: dict) -> dict[str, f
         _, gen = loss_fn(model(gen_in), gen_tg, "eaft")
     return {"base_w_domain": (dom.weight.sum() / dom.mask.sum()).item(),
             "base_w_general": (gen.weight.sum() / gen.mask.sum()).item()}
+
+
+def base_landscape(model: TinyGPT, data: dict, bins: int = 20, threshold: float = 0.15) -> dict:
+    """The landscape of the domain training data under the pretrained model, noisy and clean
+    labels apart: ``{"noisy"|"clean": record}`` in the trainer's landscape.json layout
+    (normalised top-20 entropy x p(label) counts, the four quadrants at ``threshold``)."""
+    with torch.no_grad():
+        _, st = loss_fn(model(data["inputs"]), data["targets"], "eaft")
+    e = torch.clamp(st.entropy / math.log(20), max=1.0)
+    out = {}
+    for name, sel in (("noisy", st.mask & data["noisy"]), ("clean", st.mask & ~data["noisy"])):
+        ee, pp = e[sel], st.target_prob[sel]
+        cell = (ee * bins).long().clamp(0, bins - 1) * bins + (pp * bins).long().clamp(0, bins - 1)
+        counts = torch.bincount(cell, minlength=bins * bins).view(bins, bins)
+        n = int(sel.sum())
+        quadrants = torch.bincount((ee < threshold).long() * 2 + (pp < threshold).long(),
+                                   minlength=4)
+        names = ("uncertain_likely", "uncertain_unlikely", "confident_agreement",
+                 "confident_conflict")
+        out[name] = dict(
+            iteration=0, model="pretrained base", data=f"domain training data, {name} labels",
+            tokens=n, bins=bins, counts=counts.tolist(),
+            thresholds={"entropy": threshold, "prob": threshold},
+            quadrants={k: {"tokens": int(v), "share": int(v) / n if n else 0.0}
+                       for k, v in zip(names, quadrants)},
+            confident_conflicts=int(quadrants[3]) / n if n else 0.0)
+    return out
 
 
 def run_seed(cfg: Config, seed: int, cache_dir: Path, log) -> list[dict]:
@@ -307,6 +360,11 @@ def run_seed(cfg: Config, seed: int, cache_dir: Path, log) -> list[dict]:
 
     base_acc = evaluate(base, test_sets)
     diag = base_diagnostics(base, data, test_sets)
+    LANDSCAPES[seed] = base_landscape(base, data)
+    ls = LANDSCAPES[seed]
+    log(f"seed {seed}: base landscape of the domain training labels: confident conflicts "
+        f"{100 * ls['noisy']['confident_conflicts']:.1f}% of noisy, "
+        f"{100 * ls['clean']['confident_conflicts']:.1f}% of clean labels")
     how = "loaded from cache" if cached else f"pretrained in {t_base:.0f}s"
     per_task = ", ".join(f"{t} {base_acc[t]:.1f}" for t in GENERAL_TASKS)
     log(f"seed {seed}: base {how}: domain {base_acc['domain']:.1f}% general "
@@ -321,8 +379,62 @@ def run_seed(cfg: Config, seed: int, cache_dir: Path, log) -> list[dict]:
             rows += r
             log(f"  {method:4s} lr {lr:g}: domain {r[-1]['domain']:5.1f}%  general "
                 f"{r[-1]['general']:5.1f}%  w clean/noisy {r[-1]['w_clean']:.2f}/{r[-1]['w_noisy']:.2f}"
+                f"  noisy share: tokens {r[-1]['token_share_noisy']:.3f} loss "
+                f"{r[-1]['loss_share_noisy']:.3f} grad {r[-1]['grad_share_noisy']:.3f}"
                 f"  ({time.time() - t1:.0f}s)")
     return rows
+
+
+def write_mechanism(rows: list[dict], cfg: Config, results: Path) -> str:
+    """mechanism.md / mechanism.json: per method and lr (mean over seeds, whole fine-tuning
+    run), the noisy labels' share of tokens, of the objective sum(w * CE) and of the gradient
+    norm; the base landscape of the domain data with noisy and clean labels apart
+    (landscape_base.png: the trainer's picture, noisy left, clean right)."""
+    finals = {}
+    for r in rows:
+        if r["method"] != "base":
+            finals[(r["seed"], r["method"], r["lr"])] = r  # the last checkpoint's running means
+    table = {}
+    for (seed, method, lr), r in sorted(finals.items()):
+        entry = table.setdefault((method, lr), {k: [] for k in (
+            "token_share_noisy", "loss_share_noisy", "grad_share_noisy", "w_noisy", "w_clean")})
+        for k in entry:
+            entry[k].append(r[k])
+    lines = ["| method | lr | noisy share of tokens | of the loss (w * CE) | of the gradient norm "
+             "| mean w noisy / clean |", "|---|---|---|---|---|---|"]
+    data = []
+    for (method, lr), entry in sorted(table.items(), key=lambda x: (x[0][1], x[0][0])):
+        m = {k: sum(v) / len(v) for k, v in entry.items()}
+        data.append(dict(method=method, lr=lr, seeds=len(entry["w_noisy"]), **m))
+        lines.append(f"| {method.upper()} | {lr:g} | {m['token_share_noisy']:.3f} | "
+                     f"{m['loss_share_noisy']:.3f} | {m['grad_share_noisy']:.3f} | "
+                     f"{m['w_noisy']:.3f} / {m['w_clean']:.3f} |")
+    land = {name: {k: sum(LANDSCAPES[s][name]["quadrants"][k]["share"] for s in LANDSCAPES)
+                   / len(LANDSCAPES) for k in LANDSCAPES[cfg.seeds[0]][name]["quadrants"]}
+            for name in ("noisy", "clean")}
+    lines += ["", "Base model on the domain training labels (mean over seeds; entropy and p(label) "
+              "thresholds 0.15):", "", "| labels | confident conflict | confident agreement | "
+              "uncertain, p < 0.15 | uncertain, p >= 0.15 |", "|---|---|---|---|---|"]
+    for name, q in land.items():
+        lines.append(f"| {name} | {q['confident_conflict']:.3f} | {q['confident_agreement']:.3f} "
+                     f"| {q['uncertain_unlikely']:.3f} | {q['uncertain_likely']:.3f} |")
+    text = "\n".join(lines) + "\n"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "mechanism.md").write_text(text)
+    (results / "mechanism.json").write_text(json.dumps(dict(
+        methods=data, base_landscape_quadrants=land,
+        base_landscape_seed0={k: v for k, v in LANDSCAPES[cfg.seeds[0]].items()}), indent=1))
+    try:
+        import sys as _sys
+
+        _sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+        from eaft_megatron.train.landscape import plot_landscapes
+
+        first = LANDSCAPES[cfg.seeds[0]]
+        plot_landscapes([first["noisy"], first["clean"]], results / "landscape_base.png")
+    except ImportError:
+        pass
+    return text
 
 
 def main(argv=None):
@@ -362,6 +474,7 @@ def main(argv=None):
     summary, by_lr, base = analyse(rows, cfg)
     table = write_outputs(rows, summary, by_lr, base, cfg, results, time.time() - t0)
     log("\n" + table)
+    log("\n" + write_mechanism(rows, cfg, results))
     log(f"\nwrote {results}/summary.md, summary.csv, by_lr.csv, runs.csv, tradeoff.png "
         f"in {time.time() - t0:.0f}s")
 

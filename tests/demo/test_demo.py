@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -55,6 +56,16 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert [r["final"] for r in valid][-1] is True and not any(r["final"] for r in valid[:-1])
     assert f"final validation @ 8 (held-out) | lm loss {valid[-1]['lm_loss']:.4g}" in proc.stdout
     assert (work / "run" / "curves.png").stat().st_size > 10_000
+    # the landscape of the held-out data before (evaluation-only run) and after training
+    before, after = (json.loads((work / "landscape" / n / "landscape.json").read_text())
+                     for n in ("before", "after"))
+    assert 0 < before["tokens"] == after["tokens"] <= valid_summary["supervised_tokens"]
+    assert before["iteration"] == 0 and after["iteration"] == 8 and after["final"]
+    assert after["confident_conflicts"] == pytest.approx(valid[-1]["confident_conflicts"],
+                                                         rel=1e-6, abs=1e-9)
+    assert "confident conflicts on the held-out data: " in proc.stdout
+    assert (work / "landscape" / "comparison.png").stat().st_size > 10_000
+    assert (work / "landscape" / "after" / "samples.jsonl").stat().st_size > 0
     assert any((work / "run" / "tensorboard").iterdir())
     # 5-6: HF export loads in transformers and matches the Megatron model
     result = json.loads((work / "demo_result.json").read_text())
