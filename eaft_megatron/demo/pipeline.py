@@ -13,8 +13,9 @@ Steps (each says what it does and where its output is):
     and fp32 on CPU; NCCL and bf16 on GPU), validating on held-out conversations (no prompt of
     them is in the training data), narrated from ``metrics.jsonl``; ``run/curves.png`` and
     ``run/tensorboard`` show the curves; the entropy-probability landscape of the held-out data
-    before (an evaluation-only run) and after training (``landscape/before``, ``landscape/after``,
-    ``landscape/comparison.png``) with the share of confident conflicts;
+    before and after training (evaluation-only runs of the trainer on the same held-out samples:
+    ``landscape/before``, ``landscape/after``, ``landscape/comparison.png``) with the share of
+    confident conflicts;
  5. ``convert megatron-to-hf`` of the trained checkpoint;
  6. ``transformers`` loads the result and generates, and its logits are compared with the
     Megatron model's on the same tokens.
@@ -103,10 +104,11 @@ def _have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _landscape_before(args, sizes: Sizes, ckpt: Path, valid: Path, valid_samples: int,
-                      out: Path) -> dict | None:
-    """An evaluation-only run of the trainer on the converted model (before any training):
-    its entropy-probability landscape on the held-out conversations, into ``out``."""
+def _landscape_eval(args, sizes: Sizes, ckpt: Path, valid: Path, valid_samples: int,
+                    out: Path) -> dict | None:
+    """An evaluation-only run of the trainer on ``ckpt`` (the converted model before training,
+    the trained run after): its entropy-probability landscape on the held-out conversations
+    (the same samples both times), into ``out``."""
     import torch
 
     nproc = args.nproc or args.tp * args.pp
@@ -124,7 +126,7 @@ def _landscape_before(args, sizes: Sizes, ckpt: Path, valid: Path, valid_samples
     ] + (["--bf16"] if torch.cuda.is_available() else [])
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONWARNINGS="ignore")
-    log = out.parent / "before.log"
+    log = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -398,14 +400,14 @@ def run_demo(args: argparse.Namespace) -> dict:
                    f"conversations -> {work / 'run'}")
     run = work / "run"
     valid_samples = _sample_count(summaries["valid"])
-    before = _landscape_before(args, sizes, ckpt, work / "data" / "valid", valid_samples,
-                               work / "landscape" / "before")
+    before = _landscape_eval(args, sizes, ckpt, work / "data" / "valid", valid_samples,
+                             work / "landscape" / "before")
     if before is not None:
         print(f"  before training (evaluation-only run): confident conflicts "
               f"{100 * before['confident_conflicts']:.2f}% of {before['tokens']} held-out "
               f"tokens -> {work / 'landscape' / 'before'}", flush=True)
     records = _train(args, sizes, ckpt, work / "data" / "train", work / "data" / "valid",
-                     valid_samples, run, landscape=work / "landscape" / "after")
+                     valid_samples, run)
     train_recs = [r for r in records if r.get("kind") == "train"]
     if train_recs:
         a, b = train_recs[0], train_recs[-1]
@@ -419,6 +421,8 @@ def run_demo(args: argparse.Namespace) -> dict:
           + (f"; TensorBoard: tensorboard --logdir {run / 'tensorboard'}"
              if (run / "tensorboard").is_dir() else ""))
 
+    _landscape_eval(args, sizes, run, work / "data" / "valid", valid_samples,
+                    work / "landscape" / "after")
     landscapes = _report_landscapes(work / "landscape", before)
 
     _say(5, total, f"Converting the trained checkpoint back to Hugging Face -> {work / 'hf_sft'}")

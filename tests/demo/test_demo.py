@@ -56,13 +56,17 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert [r["final"] for r in valid][-1] is True and not any(r["final"] for r in valid[:-1])
     assert f"final validation @ 8 (held-out) | lm loss {valid[-1]['lm_loss']:.4g}" in proc.stdout
     assert (work / "run" / "curves.png").stat().st_size > 10_000
-    # the landscape of the held-out data before (evaluation-only run) and after training
+    # the landscape of the same held-out samples before and after training (evaluation-only
+    # runs), each equal to its run's confident-conflict figure in metrics.jsonl
     before, after = (json.loads((work / "landscape" / n / "landscape.json").read_text())
                      for n in ("before", "after"))
     assert 0 < before["tokens"] == after["tokens"] <= valid_summary["supervised_tokens"]
     assert before["iteration"] == 0 and after["iteration"] == 8 and after["final"]
-    assert after["confident_conflicts"] == pytest.approx(valid[-1]["confident_conflicts"],
-                                                         rel=1e-6, abs=1e-9)
+    evals = [json.loads(x) for x in (work / "landscape" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["kind"] == "valid"]
+    for record, metrics in zip((before, after), evals):
+        assert record["confident_conflicts"] == pytest.approx(metrics["confident_conflicts"],
+                                                              rel=1e-6, abs=1e-9)
     assert "confident conflicts on the held-out data: " in proc.stdout
     assert (work / "landscape" / "comparison.png").stat().st_size > 10_000
     assert (work / "landscape" / "after" / "samples.jsonl").stat().st_size > 0
