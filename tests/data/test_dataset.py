@@ -60,10 +60,16 @@ def oracle_sample(prefix: str, stored: int, seq: int, pad_id: int) -> dict[str, 
 def test_samples_match_the_oracle(prepared, kind):
     ds = SFTIndexedDataset(prepared[kind], shuffle=False)
     assert ds.seq_length == SEQ and len(ds) == ds.num_stored
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    index = IndexedDataset(prepared[kind] + "_tokens")  # kept: its arrays view the mmap
+    documents = [int(x) for x in index.document_indices]
     packs_with_several = 0
     for i in range(len(ds)):
         sample = ds[i]
         expected = oracle_sample(prepared[kind], i, SEQ, ds.pad_id)
+        # where the sample lies in the files: its first conversation is the provenance row
+        expected.update(sample_index=i, first_conversation=documents[i])
         assert {k: (v.tolist() if v.dim() else int(v)) for k, v in sample.items()} == expected
         assert sample["tokens"].dtype == sample["labels"].dtype == torch.int64
         assert sample["loss_mask"].dtype == torch.float32
