@@ -361,15 +361,15 @@ def run_seed(cfg: Config, seed: int, cache_dir: Path, log) -> list[dict]:
     base_acc = evaluate(base, test_sets)
     diag = base_diagnostics(base, data, test_sets)
     LANDSCAPES[seed] = base_landscape(base, data)
-    ls = LANDSCAPES[seed]
-    log(f"seed {seed}: base landscape of the domain training labels: confident conflicts "
-        f"{100 * ls['noisy']['confident_conflicts']:.1f}% of noisy, "
-        f"{100 * ls['clean']['confident_conflicts']:.1f}% of clean labels")
     how = "loaded from cache" if cached else f"pretrained in {t_base:.0f}s"
     per_task = ", ".join(f"{t} {base_acc[t]:.1f}" for t in GENERAL_TASKS)
     log(f"seed {seed}: base {how}: domain {base_acc['domain']:.1f}% general "
         f"{base_acc['general']:.1f}% ({per_task}); base EAFT weight: domain answers "
         f"{diag['base_w_domain']:.2f}, general {diag['base_w_general']:.2f}")
+    ls = LANDSCAPES[seed]
+    log(f"  landscape of the domain training labels under the base: confident conflicts "
+        f"{100 * ls['noisy']['confident_conflicts']:.1f}% of noisy, "
+        f"{100 * ls['clean']['confident_conflicts']:.1f}% of clean labels")
     rows = [dict(seed=seed, method="base", lr=0.0, step=0, **base_acc, w_clean=float("nan"),
                  w_noisy=float("nan"), **diag)]
     for lr in cfg.lrs:
