@@ -41,10 +41,10 @@ def _convert(args) -> int:
     """Exit codes: 0 done; 2 a mistake (one line ``eaft-megatron convert: error: ...``); 128 +
     signal when interrupted by SIGINT / SIGTERM (the temporary output is removed)."""
     from .convert import ConversionError, hf_to_megatron, megatron_to_hf
-    from .convert.convert import quiet_cpu_notices
+    from .convert.convert import prepare_command_line
     from .paths import Interrupted, UnsafePathError, interruptible
 
-    quiet_cpu_notices()
+    prepare_command_line()
     try:
         with interruptible():
             if args.direction == "hf-to-megatron":

@@ -408,13 +408,17 @@ def _side_names(directory: Path) -> list[str]:
     return [n for n in HF_SIDE_FILES if (directory / n).is_file()]
 
 
-def quiet_cpu_notices() -> None:
-    """Hide the notices megatron-core and torch print on every conversion that say nothing
-    about it: optional GPU packages missing (apex, transformer-engine), "No CUDA runtime is
-    found", and deprecations inside megatron-core / torch.distributed.checkpoint. Errors and
-    other warnings still show. For the command line (it changes process-wide filters)."""
+def prepare_command_line() -> None:
+    """Process-wide settings for the ``convert`` command (call before megatron-core is
+    imported): hide the notices megatron-core and torch print on every conversion that say
+    nothing about it (optional GPU packages missing, "No CUDA runtime is found", deprecations
+    inside megatron-core / torch.distributed.checkpoint; errors and other warnings still show),
+    and skip the ``git rev-parse`` megatron-core runs at import (the command starts no process).
+    """
     import logging
     import warnings
+
+    os.environ.setdefault("NO_VCS_VERSION", "1")
 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", category=UserWarning,

@@ -6,6 +6,7 @@ in a subprocess where the process itself matters: signals, kill -9, child proces
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -265,19 +266,24 @@ def test_non_finite_checkpoint_refused_unless_allowed(hf_dir, tmp_path, capsys):
 class _Watch:
     """Start the real command and record every descendant process it ever has."""
 
-    def __init__(self, argv):
+    def __init__(self, argv, env=None):
         self.p = subprocess.Popen(
             [sys.executable, "-m", "eaft_megatron", "convert", *map(str, argv)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})})
         self.proc = psutil.Process(self.p.pid)
-        self.seen: dict[int, psutil.Process] = {}
+        self.seen: dict[psutil.Process, str] = {}  # descendant -> its command line
 
     def poll_until(self, condition, timeout=300.0) -> bool:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:
                 for c in self.proc.children(recursive=True):
-                    self.seen.setdefault(c.pid, c)
+                    if c not in self.seen:
+                        try:
+                            self.seen[c] = " ".join(c.cmdline())
+                        except psutil.Error:
+                            self.seen[c] = "?"
             except psutil.NoSuchProcess:
                 pass
             if condition():
@@ -291,6 +297,18 @@ class _Watch:
         self.poll_until(lambda: False, timeout=timeout)
         _, err = self.p.communicate(timeout=30)
         return self.p.returncode, err
+
+    def check_no_lasting_child(self) -> None:
+        """No multiprocessing helper was ever started, and nothing started outlives the run."""
+        assert not [cmd for cmd in self.seen.values() if "multiprocessing" in cmd], self.seen
+        time.sleep(1.0)
+        alive = []
+        for c in self.seen:
+            with contextlib.suppress(psutil.Error):
+                if c.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(self.seen[c])
+                    c.kill()
+        assert not alive, f"processes outlived the converter: {alive}"
 
 
 def _big_hf(directory: Path) -> Path:
@@ -332,16 +350,18 @@ def test_sigterm_and_kill9_then_rerun_leave_nothing_and_no_process(tmp_path):
     w.p.kill()
     w.p.wait()
     killed = w.p.pid
-    time.sleep(1.0)
+    w.check_no_lasting_child()
     left = tmp_dirs()
     assert len(left) == 1 and f"-{killed}-" in left[0].name and not out.exists()
-    assert w.seen == {}, f"the converter started processes: {w.seen}"
 
-    # The next run removes and reports the leftover, converts, and starts no process either.
-    w = _Watch(argv)
+    # The next run removes and reports the leftover, converts, and starts no process either;
+    # its progress goes to the log as lines (here one per update: interval 0).
+    w = _Watch(argv, env={"EAFT_PROGRESS_INTERVAL": "0"})
     rc, err = w.finish()
+    assert "hf -> megatron: 1 tensors/" in err and " tensors/s | elapsed 0:00:" in err, err
+    assert "hf -> megatron: done " in err, err
     assert rc == 0, err
     assert f"removed {left[0]}, left by an interrupted run (pid {killed})" in err
     assert not tmp_dirs() and (out / "latest_checkpointed_iteration.txt").read_text() == "0"
-    assert w.seen == {}, f"the converter started processes: {w.seen}"
+    w.check_no_lasting_child()
     assert "CUDA" not in err and "Warning" not in err, err
