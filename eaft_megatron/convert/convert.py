@@ -220,7 +220,8 @@ def hf_to_megatron(
 
         def get(hf_name: str) -> torch.Tensor:  # pass-through tensors: read into the parameter
             target, source = params.get(direct.get(hf_name, "")), reader.meta(hf_name)
-            if (target is not None and source.dtype == target.dtype and source.dim() > 0
+            if (target is not None and target.device.type == "cpu"
+                    and source.dtype == target.dtype and source.dim() > 0
                     and source.shape[1:] == target.shape[1:]
                     and source.shape[0] <= target.shape[0]):
                 return reader.read_into(hf_name, target[:source.shape[0]])
