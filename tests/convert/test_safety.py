@@ -364,4 +364,7 @@ def test_sigterm_and_kill9_then_rerun_leave_nothing_and_no_process(tmp_path):
     assert f"removed {left[0]}, left by an interrupted run (pid {killed})" in err
     assert not tmp_dirs() and (out / "latest_checkpointed_iteration.txt").read_text() == "0"
     w.check_no_lasting_child()
-    assert "CUDA" not in err and "Warning" not in err, err
+    if not torch.cuda.is_available():  # no notices about the GPU stack on a CPU machine
+        noise = [line for line in err.splitlines() if any(
+            word in line for word in ("CUDA", "UserWarning", "FutureWarning", "DEPRECATED"))]
+        assert not noise, err
