@@ -225,7 +225,7 @@ def check_data(argv: list[str]) -> dict | None:
             summaries[flag] = load_summary(prefix)
         except (OSError, ValueError, KeyError) as e:
             expected = dataset_paths(prefix)
-            files = ", ".join(Path(v).name + ("" if k == "summary" else ".bin/.idx")
+            files = ", ".join(Path(v).name + (".bin/.idx" if k in ("tokens", "loss_mask") else "")
                               for k, v in expected.items())
             parent = Path(prefix).parent
             nearby = sorted(str(parent / p.name[:-len("_summary.json")])
