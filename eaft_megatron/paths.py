@@ -12,6 +12,8 @@ Four rules, one place:
    owner (host, pid and the pid's start time, so a recycled pid is not mistaken for the
    owner). :func:`atomic_output` removes, and reports, leftovers of ``out`` whose owner is
    dead; if the owner is alive (a concurrent run writing the same output) it refuses instead.
+   A run killed between the two renames of a ``--force`` replacement leaves no ``out``: the
+   next run puts the killed run's complete new output in place (or the old one back).
 4. **SIGTERM cleans up like Ctrl-C.** Inside :func:`interruptible`, SIGINT and SIGTERM raise
    :class:`Interrupted` (a ``KeyboardInterrupt``), so ``finally`` blocks and
    :func:`atomic_output`'s cleanup run; the command then exits with ``128 + signal``.
@@ -201,7 +203,7 @@ def remove_stale_temps(out: PathLike, *, report=_say) -> list[Path]:
     out = Path(out).resolve()
     if not out.parent.is_dir():
         return []
-    removed = []
+    stale: list[tuple[Path, re.Match]] = []
     for p in sorted(out.parent.iterdir()):
         m = _OWNED.match(p.name)
         if not m or m["name"] != out.name:
@@ -214,10 +216,35 @@ def remove_stale_temps(out: PathLike, *, report=_say) -> list[Path]:
         if pid == os.getpid() or (now is not None and (now == start or not start)):
             raise UnsafePathError(f"another run (pid {pid}) is writing {out} right now "
                                   f"(temporary {p.name}); wait for it or stop it")
-        _remove(p)
-        removed.append(p)
-        report(f"removed {p}, left by an interrupted run (pid {pid})")
+        stale.append((p, m))
+    _finish_interrupted_replacement(out, stale, report)
+    removed = []
+    for p, m in stale:
+        if p.exists() or p.is_symlink():
+            _remove(p)
+            removed.append(p)
+            report(f"removed {p}, left by an interrupted run (pid {m['pid']})")
     return removed
+
+
+def _finish_interrupted_replacement(out: Path, stale: list[tuple[Path, re.Match]],
+                                    report) -> None:
+    """A run killed between the two renames of a replacement (``out`` -> ``.old``, complete
+    ``.tmp`` -> ``out``) leaves no ``out``: put the complete new content in place (its ``.tmp``
+    was finished before the first rename), or the old content back if that is all there is."""
+    if out.exists() or out.is_symlink():
+        return
+    owner = lambda m: (m["host"], m["pid"], m["start"])  # noqa: E731
+    for old, m in stale:
+        if m["kind"] != "old":
+            continue
+        done = [p for p, n in stale if n["kind"] == "tmp" and owner(n) == owner(m)]
+        keep = done[0] if done else old
+        keep.rename(out)
+        what = "its complete new output" if done else "the previous output"
+        report(f"{out} was being replaced when a run was killed (pid {m['pid']}): "
+               f"restored {what} from {keep.name}")
+        return
 
 
 @contextlib.contextmanager
@@ -246,7 +273,11 @@ def atomic_output(out: PathLike, *, inputs: Inputs = (), force: bool = False,
         elif out.exists():
             old = _owned_name(out, "old")
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)  # the previous output back, never neither
+                raise
             _remove(old)
         else:
             tmp.rename(out)

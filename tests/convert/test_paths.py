@@ -119,6 +119,7 @@ def test_stale_temporaries_removed_live_ones_refused(tmp_path):
     try:
         reused = tmp_path / f".out.old-{_host()}-{live.pid}-{_start_ticks(live.pid) + 7}-0123abcd"
         reused.mkdir()
+        out.mkdir()  # present: the leftover .old is not needed to restore it
         other = tmp_path / f".other.tmp-{_host()}-{dead}-1-0123abcd"  # another output's
         other.mkdir()
         messages = []
@@ -192,3 +193,45 @@ def test_kill9_leftover_removed_by_the_next_run(tmp_path):
         (new / "ok").write_text("1")
     assert not tmp.exists() and (out / "ok").exists()
     assert messages == [f"removed {tmp}, left by an interrupted run (pid {p.pid})"]
+
+
+_KILLED_MID_REPLACE = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from eaft_megatron.paths import atomic_output
+    real = Path.rename
+    def rename(self, target):
+        if ".tmp-" in self.name:  # out is already moved aside: die before the new one lands
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, target)
+    Path.rename = rename
+    with atomic_output(sys.argv[1], force=True) as tmp:
+        (tmp / "x").write_text("new")
+""")
+
+
+def test_kill9_between_the_two_renames_loses_neither_output(tmp_path):
+    """``--force`` replaces ``out`` by two renames (out -> .old, complete .tmp -> out); a kill -9
+    between them leaves no ``out``. The next run restores the killed run's complete output
+    instead of deleting both leftovers."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("old")
+    p = subprocess.run([sys.executable, "-c", _KILLED_MID_REPLACE, str(out)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    left = sorted(q.name for q in tmp_path.iterdir())
+    assert not out.exists() and len(left) == 2, left  # the state a kill -9 really leaves
+    old = [q for q in sorted(tmp_path.iterdir()) if ".old-" in q.name]
+    dead = old[0].name.split("-")[-3]  # the killed run's pid
+    messages = []
+    assert remove_stale_temps(out, report=messages.append) == old
+    assert (out / "x").read_text() == "new" and sorted(tmp_path.iterdir()) == [out]
+    assert "restored its complete new output" in messages[0]
+
+    # Killed after the .tmp was removed some other way: the old output comes back.
+    aside = tmp_path / f".out.old-{_host()}-{dead}-1-0123abcd"
+    out.rename(aside)
+    remove_stale_temps(out, report=messages.append)
+    assert (out / "x").read_text() == "new" and sorted(tmp_path.iterdir()) == [out]
+    assert "restored the previous output" in messages[-1]
