@@ -177,19 +177,54 @@ def _tensors_only(sharded):
     return sharded
 
 
+def _sharded_tensors(sharded):
+    """Every ShardedTensor of a (nested) sharded state dict."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if isinstance(sharded, ShardedTensor):
+        yield sharded
+    elif isinstance(sharded, (dict, list)):
+        for v in sharded.values() if isinstance(sharded, dict) else sharded:
+            yield from _sharded_tensors(v)
+
+
+def _check_requested_tensors(sharded, meta, iteration_dir: Path) -> None:
+    """Every tensor the model asks for is in the checkpoint with the model's global shape:
+    otherwise one line naming them (torch_dist's own failure is a multi-rank report)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    stored = {k: tuple(v.size) for k, v in meta.state_dict_metadata.items()
+              if isinstance(v, TensorStorageMetadata)}
+    missing, wrong = set(), {}
+    for t in _sharded_tensors(sharded):
+        if t.key not in stored:
+            missing.add(t.key)
+        elif tuple(t.global_shape) != stored[t.key]:
+            wrong[t.key] = (stored[t.key], tuple(t.global_shape))
+    if missing:
+        raise ConversionError(f"checkpoint {iteration_dir} lacks {len(missing)} tensor(s) the "
+                              f"model needs: {sorted(missing)[:8]}")
+    if wrong:
+        key, (have, want) = sorted(wrong.items())[0]
+        raise ConversionError(f"checkpoint {iteration_dir}: tensor {key!r} has shape {have}, "
+                              f"the model expects {want}"
+                              + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+
+
 def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> None:
     """Fill ``models`` from a torch_dist checkpoint (converted or written by the trainer, any
     TP/PP); every parameter must be found, extra entries (optimizer state...) are ignored."""
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
     from torch.distributed.checkpoint.api import CheckpointException
 
-    validate_checkpoint_metadata(iteration_dir)
+    meta = validate_checkpoint_metadata(iteration_dir)
     if len(models) == 1:
         sharded = {"model": models[0].sharded_state_dict()}
     else:
         sharded = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
     _expand_factories(sharded, consume=False)  # load fc1 halves in place
     sharded = _tensors_only(sharded)
+    _check_requested_tensors(sharded, meta, iteration_dir)
     # torch_dist reads every tensor into a temporary before copying it into place: loading the
     # vocabulary-sized tensors first, while little else is resident, keeps that temporary out
     # of the peak (measured: 1.32x -> ~1.0x the model for a 1.1B model).
@@ -210,11 +245,12 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> No
     for i, m in enumerate(models):
         sd = loaded["model"] if len(models) == 1 else loaded[f"model{i}"]
         # The expanded fc1 entries (dense, routed and shared experts) were loaded in place
-        # (lists of halves): skip them here.
+        # (lists of halves, each found in the checkpoint: _check_requested_tensors): exactly
+        # those are not handed to load_state_dict.
+        in_place = {k for k, v in sd.items() if not isinstance(v, torch.Tensor)}
         sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
         missing, unexpected = m.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")
-                   and not k.endswith("linear_fc1.weight")]
+        missing = [k for k in missing if not k.endswith("_extra_state") and k not in in_place]
         if missing:
             raise ConversionError(f"checkpoint {iteration_dir} lacks parameters: {missing[:10]}")
 
