@@ -1,16 +1,12 @@
-"""Compatibility layers: running megatron-core on CPU (tests, the demo)."""
+"""Compatibility layers: running megatron-core on CPU (tests, the demo) in :mod:`.cpu`, child
+processes that never outlive their parent in :mod:`.processes`.
 
-from .cpu import (
-    CPU_DEVICE_ARCH_VERSION,
-    CPU_PRETRAIN_FLAGS,
-    cpu_compat,
-    cpu_compat_installed,
-    cpu_transformer_config_kwargs,
-    install_cpu_compat,
-    uninstall_cpu_compat,
-)
+The :mod:`.cpu` names are imported lazily, so that ``compat.processes`` stays free of torch
+(preprocessing workers use it)."""
 
-__all__ = [
+from importlib import import_module
+
+_CPU = (
     "CPU_DEVICE_ARCH_VERSION",
     "CPU_PRETRAIN_FLAGS",
     "cpu_compat",
@@ -18,4 +14,12 @@ __all__ = [
     "cpu_transformer_config_kwargs",
     "install_cpu_compat",
     "uninstall_cpu_compat",
-]
+)
+
+__all__ = list(_CPU)
+
+
+def __getattr__(name: str):
+    if name in _CPU:
+        return getattr(import_module(".cpu", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

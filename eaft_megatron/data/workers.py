@@ -20,35 +20,25 @@ parent changed. They ignore SIGINT and SIGTERM (the parent handles them and stop
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import os
 import queue
 import signal
-import sys
 import traceback
 import warnings
 from collections import deque
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
+from ..compat.processes import die_with_parent
+
 
 class WorkerDied(RuntimeError):
     """A worker process ended or failed while it held work."""
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def _worker_main(fn: Callable, state: tuple, tasks: Any, results: Any, parent_pid: int) -> None:
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     # Ctrl-C and a SIGTERM sent to the whole group (timeout, Slurm) are the parent's to handle:
     # it cleans up and stops the workers; a worker dying first would be reported as a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
