@@ -54,11 +54,13 @@ def _common(tiny) -> list[str]:
 
 @pytest.fixture(scope="module")
 def straight(tiny):
-    """(1,1,1), 6 iterations from the converted model, checkpoint + evaluation every 3."""
+    """(1,1,1), 6 iterations from the converted model, checkpoint + evaluation every 3, a
+    landscape at the evaluations of iterations divisible by 6 (and the final one)."""
     out = tiny["root"] / "straight"
     return check(run_train(out, "--load", str(tiny["ckpt"]), "--save", str(out),
                            "--save-interval", "3", "--train-iters", "6", "--eval-interval", "3",
-                           *EVAL_ALL, *_common(tiny)))
+                           "--eaft-landscape", str(out / "landscape"),
+                           "--eaft-landscape-interval", "6", *EVAL_ALL, *_common(tiny)))
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +186,24 @@ def test_fused_linear_flag_gives_the_same_losses(tiny, straight):
     for it in (1, 2, 3):
         for key in ("loss", "lm_loss", "gate_weight", "entropy"):
             assert got[it][key] == pytest.approx(reference[it][key], rel=REL), (it, key)
+
+
+def test_landscape_interval_during_training(tiny, straight):
+    """--eaft-landscape-interval 6 with evaluations at 3 and 6 (+ the final one at 6): a landscape
+    of iteration 6 only, counting every supervised validation token once, its conflict share
+    equal to metrics.jsonl's for the same evaluation."""
+    import json
+
+    root = tiny["root"] / "straight" / "landscape"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["iter_0000006"]
+    record = json.loads((root / "iter_0000006" / "landscape.json").read_text())
+    assert record == json.loads((root / "landscape.json").read_text())  # the latest
+    assert record["iteration"] == 6 and record["final"]
+    from eaft_megatron.data import SFTIndexedDataset
+
+    ds = SFTIndexedDataset(str(tiny["data"]), shuffle=False)
+    assert record["tokens"] == sum(int(ds[i]["loss_mask"].sum()) for i in range(len(ds)))
+    valid = straight.of("valid")[-1]
+    assert valid["confident_conflicts"] == pytest.approx(record["confident_conflicts"],
+                                                         rel=1e-6, abs=1e-9)
+    assert "landscape @ 3" not in straight.output and "landscape @ 6" in straight.output
