@@ -25,6 +25,25 @@ Megatron runs after training (``--eval-only`` included) apart from the periodic 
 for sft), ``lm_loss`` the plain cross-entropy over the same tokens. Train values are averaged over
 the iterations since the previous record (Megatron's ``--log-interval``; the first iteration of
 a run is always logged, as on stdout), evaluation values over the whole evaluation.
+
+Mixture-of-experts models add two figures to every ``train`` record (training forwards only;
+evaluations route without them):
+
+- ``load_balancing_loss``: megatron-core's switch load-balancing loss *without* its coefficient
+  (``E * sum_i f_i * P_i``: ``f_i`` the share of the micro-batch's top-k assignments that went to
+  expert i, ``P_i`` its mean router probability; 1.0 when balanced), computed per micro-batch and
+  MoE layer, averaged over the layers and micro-batches of the iteration (and the data-parallel
+  ranks): the value megatron prints as ``load_balancing_loss``, taken from its MoE metrics
+  tracker. Present when the aux loss is on (``router_aux_loss_coef`` > 0 or
+  ``--moe-aux-loss-coeff``); megatron-core adds ``coeff * load_balancing_loss`` to the
+  gradient only, so ``loss`` and ``lm_loss`` never include it. Other auxiliary losses the
+  tracker reports (``z_loss``, ``seq_load_balancing_loss``, ...) appear under their names.
+- ``expert_load_imbalance``: for each MoE layer, the largest number of tokens any expert received
+  over the whole global batch divided by the mean per expert (``tokens * top-k / experts``),
+  averaged over the MoE layers; 1.0 is a perfectly even load, ``experts / top-k`` the worst.
+  ``expert_load_imbalance_max``: the same ratio of the worst layer. Counted from the routers'
+  choices (``routing_map``, as the expert-bias update counts them) summed over the micro-batches,
+  the tensor/data/context-parallel ranks and the pipeline stages.
 """
 
 from __future__ import annotations
@@ -36,9 +55,12 @@ import os
 import time
 from typing import Any
 
+import torch
+
 from .patching import patch, unpatch
 
-__all__ = ["MetricsLog", "install_metrics_hooks", "metric_name", "uninstall_metrics_hooks"]
+__all__ = ["ExpertLoad", "MetricsLog", "expert_load", "install_metrics_hooks", "metric_name",
+           "uninstall_metrics_hooks"]
 
 _saved: list[tuple[Any, str, Any]] = []
 
@@ -49,6 +71,68 @@ def metric_name(key: str, loss_type: str) -> str:
     if key == f"{loss_type} loss":
         return "loss"
     return key.replace(" ", "_")
+
+
+class ExpertLoad:
+    """Tokens per expert of every MoE layer in the training forwards since the last
+    :meth:`reduce` (forward hooks on megatron-core's ``TopKRouter``; see the module doc)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, torch.Tensor] = {}  # layer number (1-based, global) -> [experts]
+        self.shape: tuple[int, int] | None = None  # (layers incl. MTP, experts) once attached
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Count the routing decisions of the routers in ``model`` (a ``GPTModel`` chunk; a
+        pipeline stage without MoE layers still takes part in :meth:`reduce`)."""
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        config = model.config
+        if not config.num_moe_experts:
+            return
+        self.shape = (config.num_layers + (config.mtp_num_layers or 0), config.num_moe_experts)
+        for module in model.modules():
+            if isinstance(module, TopKRouter):
+                module.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, router: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        if not (router.training and torch.is_grad_enabled()):  # not evaluation nor recompute
+            return
+        routing_map = output[1]  # [tokens, experts] bool
+        padding = kwargs.get("padding_mask", args[1] if len(args) > 1 else None)
+        if padding is not None:  # True = padding, as megatron-core's expert-bias count
+            routing_map = routing_map & ~padding.reshape(-1, 1)
+        layer = int(router.layer_number) + (router.config.num_layers if router.is_mtp_layer
+                                            else 0)
+        counts = routing_map.sum(dim=0).to(torch.float64)
+        self.counts[layer] = self.counts[layer] + counts if layer in self.counts else counts
+
+    def reduce(self) -> dict[str, float]:
+        """The imbalance figures over every rank's counts (a collective: all ranks call it);
+        resets the counts. Empty when no router counted anything."""
+        from megatron.core import parallel_state
+
+        if self.shape is None:
+            return {}
+        table = torch.zeros(self.shape, dtype=torch.float64)
+        for layer, counts in self.counts.items():
+            table[layer - 1] = counts.cpu()
+        self.counts = {}
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        table = table.to(device)
+        torch.distributed.all_reduce(
+            table, group=parallel_state.get_tensor_and_data_parallel_group(
+                with_context_parallel=True))
+        torch.distributed.all_reduce(table, group=parallel_state.get_pipeline_model_parallel_group())
+        table = table[table.sum(dim=1) > 0]
+        if not len(table):
+            return {}
+        ratio = table.max(dim=1).values / table.mean(dim=1)
+        return {"expert_load_imbalance": float(ratio.mean()),
+                "expert_load_imbalance_max": float(ratio.max())}
+
+
+expert_load = ExpertLoad()  # attached by the model provider to MoE models
 
 
 class MetricsLog:
@@ -131,15 +215,38 @@ def install_metrics_hooks(log: MetricsLog) -> None:
             a = bound.arguments
             margs = get_args()
             iteration = a["iteration"]
+            moe_losses.clear()
+            result = original(*args, **kwargs)  # reports (and clears) the MoE aux losses
+            values = dict(a["loss_dict"])
+            values.update(moe_losses)
+            values.update(expert_load.reduce())  # every rank: a collective
             log.on_training_iteration(
-                loss_dict=a["loss_dict"], iteration=iteration, skipped=int(a["skipped_iter"]),
+                loss_dict=values, iteration=iteration, skipped=int(a["skipped_iter"]),
                 learning_rate=a["learning_rate"],
                 grad_norm=None if a["grad_norm"] is None else float(a["grad_norm"]),
                 consumed_samples=int(margs.consumed_train_samples),
                 log_now=iteration % margs.log_interval == 0 or bool(a.get("is_first_iteration")))
-            return original(*args, **kwargs)
+            return result
 
         return training_log
+
+    moe_losses: dict[str, float] = {}
+
+    def wrap_moe_report(original):
+        def report(self, *args, **kwargs):
+            """Megatron adds the reduced ``*loss`` figures of this iteration into the
+            interval's ``total_loss_dict``; take them on their way there."""
+            total = kwargs.get("total_loss_dict")
+            if total is None:
+                return original(self, *args, **kwargs)
+            mine: dict[str, Any] = {}
+            text = original(self, *args, **{**kwargs, "total_loss_dict": mine})
+            for key, value in mine.items():
+                total[key] = total[key] + value if key in total else value
+                moe_losses[key] = float(value)
+            return text
+
+        return report
 
     def wrap_evaluate_and_print(original):
         signature = inspect.signature(original)
@@ -165,7 +272,10 @@ def install_metrics_hooks(log: MetricsLog) -> None:
 
         return evaluate
 
+    from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
+
     patch(loop, "training_log", wrap_training_log, _saved)
+    patch(MoEMetricsTracker, "report", wrap_moe_report, _saved)
     patch(loop, "evaluate_and_print_results", wrap_evaluate_and_print, _saved)
     patch(loop, "evaluate", wrap_evaluate, _saved)
 

@@ -19,6 +19,7 @@ import torch
 
 from ..megatron import EAFTLossConfig, install_eaft_loss, reduce_eaft_loss
 from .guard import check_loss
+from .metrics import expert_load
 
 __all__ = ["datasets_provider", "forward_step", "loss_func", "model_provider"]
 
@@ -32,7 +33,8 @@ def _uses_te(args: Any) -> bool:
 
 def model_provider(hf_config: Any, pre_process: bool = True, post_process: bool = True,
                    vp_stage: int | None = None, config: Any = None, pg_collection: Any = None):
-    """A ``GPTModel`` chunk for ``hf_config`` with Megatron-LM's config, EAFT loss installed."""
+    """A ``GPTModel`` chunk for ``hf_config`` with Megatron-LM's config, EAFT loss installed
+    (and, for MoE models, the routers' token counts feeding ``metrics.jsonl``)."""
     from megatron.training import get_args
     from megatron.training.arguments import core_transformer_config_from_args
 
@@ -44,6 +46,7 @@ def model_provider(hf_config: Any, pre_process: bool = True, post_process: bool 
     model = build_gpt_model(hf_config, pre_process=pre_process, post_process=post_process,
                             config=config, vp_stage=vp_stage, pg_collection=pg_collection,
                             padded_vocab=args.padded_vocab_size)
+    expert_load.attach(model)  # MoE: tokens per expert for metrics.jsonl
     return install_eaft_loss(model, loss_config(args, hf_config))
 
 
