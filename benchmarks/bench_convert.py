@@ -3,6 +3,8 @@
     python benchmarks/bench_convert.py                 # Qwen3-style ~1.1B, bf16, in a temp dir
     python benchmarks/bench_convert.py --layers 4      # smaller, for a quick look
     python benchmarks/bench_convert.py --untied        # separate lm_head (converted last)
+    python benchmarks/bench_convert.py --moe           # Qwen3-MoE ~1B, 128 experts of 128
+    python benchmarks/bench_convert.py --moe --dtype fp32 --experts 64 --moe-ffn 256
 
 A synthetic Qwen3-architecture HF model (random bf16 weights, sharded safetensors, no
 download) is written first; then ``eaft-megatron convert hf-to-megatron --tp 2`` and
@@ -12,6 +14,12 @@ with the largest multiple of 256 below it (no padding). The table reports second
 the process's RSS right after its imports, and both as a multiple of the checkpoint's size on
 disk (targets: peak above imports <= 1.15x, total <= 1.3x). Results go to
 ``benchmarks/results/convert_cpu.csv``.
+
+``--moe``: a Qwen3-MoE model with many small experts instead (default 12 layers, hidden 1024,
+128 experts of intermediate size 128, top-8, untied: ~0.98B parameters, 4608 expert tensors),
+written straight as safetensors shards with the names ``save_pretrained`` produces (one tensor
+per expert), no transformers model built; one vocabulary (``--vocab``, padded at --tp 2).
+Results go to ``benchmarks/results/convert_moe_cpu.csv`` (appended per ``--dtype``).
 """
 
 from __future__ import annotations
@@ -32,7 +40,6 @@ def make_hf_model(directory: Path, *, layers: int, hidden: int, vocab: int,
     """Write a random bf16 Qwen3 HF model; return its size on disk (bytes)."""
     import torch
     import transformers
-    from safetensors.torch import save_file
 
     config = transformers.Qwen3Config(
         architectures=["Qwen3ForCausalLM"], vocab_size=vocab, hidden_size=hidden,
@@ -47,6 +54,55 @@ def make_hf_model(directory: Path, *, layers: int, hidden: int, vocab: int,
         shapes.pop("lm_head.weight")
     directory.mkdir(parents=True)
     config.save_pretrained(directory)
+    return _write_shards(directory, shapes, torch.bfloat16)
+
+
+def make_moe_model(directory: Path, *, layers: int, hidden: int, vocab: int, experts: int,
+                   topk: int, moe_ffn: int, dtype: str = "bfloat16") -> int:
+    """Write a random Qwen3-MoE HF model tensor by tensor (no transformers model: its names
+    as ``save_pretrained`` writes them, checked against the converter's own list); return its
+    size on disk (bytes)."""
+    import torch
+    import transformers
+
+    heads, kv, head_dim = hidden // 64, max(1, hidden // 256), 128
+    config = transformers.Qwen3MoeConfig(
+        architectures=["Qwen3MoeForCausalLM"], vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=3 * hidden, moe_intermediate_size=moe_ffn, num_experts=experts,
+        num_experts_per_tok=topk, norm_topk_prob=True, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+        tie_word_embeddings=False, max_position_embeddings=4096, dtype=dtype,
+    )
+    H, L = hidden, "model.layers.{}."
+    per_layer = {
+        "input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
+        "self_attn.q_proj.weight": (heads * head_dim, H),
+        "self_attn.k_proj.weight": (kv * head_dim, H),
+        "self_attn.v_proj.weight": (kv * head_dim, H),
+        "self_attn.o_proj.weight": (H, heads * head_dim),
+        "self_attn.q_norm.weight": (head_dim,), "self_attn.k_norm.weight": (head_dim,),
+        "mlp.gate.weight": (experts, H),
+        **{f"mlp.experts.{e}.{proj}.weight": shape for e in range(experts)
+           for proj, shape in (("gate_proj", (moe_ffn, H)), ("up_proj", (moe_ffn, H)),
+                               ("down_proj", (H, moe_ffn)))},
+    }
+    shapes = {"model.embed_tokens.weight": (vocab, H)}
+    for i in range(layers):
+        shapes.update({L.format(i) + k: v for k, v in per_layer.items()})
+    shapes.update({"model.norm.weight": (H,), "lm_head.weight": (vocab, H)})
+    from eaft_megatron.models import get_arch, hf_names
+
+    assert set(shapes) == set(hf_names(get_arch(config), config)), "names differ from the mapping"
+    directory.mkdir(parents=True)
+    config.save_pretrained(directory)
+    return _write_shards(directory, shapes, getattr(torch, dtype))
+
+
+def _write_shards(directory: Path, shapes: dict, dtype) -> int:
+    """Random tensors of ``shapes`` (norms 1) in ~1 GiB safetensors shards + index."""
+    import torch
+    from safetensors.torch import save_file
+
     gen = torch.Generator().manual_seed(0)
     shard, shard_bytes, weight_map, files = {}, 0, {}, []
 
@@ -59,8 +115,9 @@ def make_hf_model(directory: Path, *, layers: int, hidden: int, vocab: int,
         shard, shard_bytes = {}, 0
 
     for name, shape in shapes.items():
-        shard[name] = (torch.randn(shape, generator=gen) * 0.02).bfloat16()
-        shard_bytes += shard[name].numel() * 2
+        t = torch.randn(shape, generator=gen) * 0.02
+        shard[name] = (t + 1 if "norm" in name else t).to(dtype)
+        shard_bytes += shard[name].numel() * shard[name].element_size()
         if shard_bytes > 1 << 30:
             flush()
     if shard:
@@ -113,24 +170,46 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         return child(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=None, help="default 16 (--moe: 12)")
+    p.add_argument("--hidden", type=int, default=None, help="default 2048 (--moe: 1024)")
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--untied", action="store_true", help="separate lm_head.weight")
+    p.add_argument("--moe", action="store_true", help="Qwen3-MoE with many small experts")
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--moe-ffn", type=int, default=128, help="expert intermediate size")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="checkpoint dtype (--moe only; the dense rows are bf16)")
     p.add_argument("--workdir", default=None)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "convert_cpu.csv"))
+    p.add_argument("--out", default=None, help="CSV (default results/convert_cpu.csv, --moe: "
+                                               "results/convert_moe_cpu.csv)")
     args = p.parse_args()
+    results = Path(__file__).parent / "results"
+    out = Path(args.out or results / ("convert_moe_cpu.csv" if args.moe else "convert_cpu.csv"))
+    layers = args.layers or (12 if args.moe else 16)
+    hidden = args.hidden or (1024 if args.moe else 2048)
 
     tp = 2
     rows = []
-    for vocab in (args.vocab, args.vocab // (256 * tp) * 256 * tp):
+    vocabs = (args.vocab,) if args.moe else (args.vocab, args.vocab // (256 * tp) * 256 * tp)
+    for vocab in vocabs:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             tmp = Path(tmp)
-            size = make_hf_model(tmp / "hf", layers=args.layers, hidden=args.hidden,
-                                 vocab=vocab, tied=not args.untied)
-            padded = json.loads(_run([sys.executable, "-c", (
-                "from eaft_megatron.models import padded_vocab_size; "
-                f"print(padded_vocab_size({vocab}, {tp}))")]))
+            if args.moe:
+                size = make_moe_model(tmp / "hf", layers=layers, hidden=hidden, vocab=vocab,
+                                      experts=args.experts, topk=args.topk,
+                                      moe_ffn=args.moe_ffn, dtype=args.dtype)
+                described = dict(dtype=args.dtype, layers=layers, hidden=hidden,
+                                 experts=args.experts, topk=args.topk, moe_ffn=args.moe_ffn,
+                                 vocab=vocab)
+            else:
+                size = make_hf_model(tmp / "hf", layers=layers, hidden=hidden,
+                                     vocab=vocab, tied=not args.untied)
+                padded = json.loads(_run([sys.executable, "-c", (
+                    "from eaft_megatron.models import padded_vocab_size; "
+                    f"print(padded_vocab_size({vocab}, {tp}))")]))
+                described = dict(vocab=vocab, padded_vocab=padded, tied=not args.untied)
+            itemsize = 4 if args.moe and args.dtype == "float32" else 2
             for direction, argv in (
                 ("hf-to-megatron", ["hf-to-megatron", "--hf", str(tmp / "hf"), "--out",
                                     str(tmp / "mcore"), "--tp", str(tp)]),
@@ -139,8 +218,8 @@ def main() -> None:
             ):
                 r = run_child(argv)
                 rows.append(dict(
-                    direction=direction, vocab=vocab, padded_vocab=padded,
-                    tied=not args.untied, params_b=round(size / 2 / 1e9, 3),
+                    direction=direction, **described,
+                    params_b=round(size / itemsize / 1e9, 3),
                     checkpoint_gib=round(size / 2**30, 2), seconds=round(r["convert_s"], 1),
                     peak_rss_gib=round(r["peak"] / 2**30, 2),
                     peak_vs_size=round(r["peak"] / size, 2),
@@ -149,18 +228,21 @@ def main() -> None:
                 ))
                 print(rows[-1], flush=True)
     header = list(rows[0])
+    if args.moe and out.is_file():  # one file for all MoE runs: replace this dtype's rows
+        with open(out, newline="") as f:
+            old = [r for r in csv.DictReader(f) if r.get("dtype") != args.dtype]
+        if old and list(old[0]) == header:
+            rows = old + rows
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         print("| " + " | ".join(str(r[h]) for h in header) + " |")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{out}.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=header)
         w.writeheader()
         w.writerows(rows)
     os.replace(f"{out}.tmp", out)
-
 
 if __name__ == "__main__":
     main()

@@ -99,28 +99,62 @@ def megatron_process_group(tp: int = 1, pp: int = 1):
             dist.destroy_process_group()
 
 
-def _expand_factories(sharded, *, consume: bool) -> None:
+def _expand_factories(sharded, *, consume: bool, _freed: list | None = None) -> None:
     """Replace Megatron's ShardedTensorFactory entries (the SwiGLU ``linear_fc1``: ``chunk`` on
     save, ``cat`` on load) by the ShardedTensors they build, in place in ``sharded``.
 
     Their data are views of the parameter, so loading writes straight into it (no concatenated
     copy of every fc1). With ``consume`` (saving a model that is not used afterwards), each
     half is copied out and the parameter's storage is released at once: the writer would
-    otherwise clone every view, doubling the memory of all fc1 weights at the same time.
+    otherwise clone every view, doubling the memory of all fc1 weights at the same time. The
+    released parameters are small heap blocks when there are many experts (512 KiB each for
+    a 128-expert 1B model), which glibc keeps mapped: the heap is trimmed every
+    ``_TRIM_BYTES`` released (measured: +0.36 GiB = +0.2x the checkpoint without it).
     """
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
+    top = _freed is None
+    freed = [0] if top else _freed
     items = sharded.items() if isinstance(sharded, dict) else enumerate(sharded)
     for key, value in list(items):
         if isinstance(value, (dict, list)):
-            _expand_factories(value, consume=consume)
+            _expand_factories(value, consume=consume, _freed=freed)
         elif isinstance(value, ShardedTensorFactory):
             built = value.build()
             if consume:
                 for part in built if isinstance(built, list) else built.values():
                     part.data = part.data.clone()
-                value.data.untyped_storage().resize_(0)
+                storage = value.data.untyped_storage()
+                freed[0] += storage.nbytes()
+                storage.resize_(0)
+                if freed[0] >= _TRIM_BYTES:
+                    _trim_heap()
+                    freed[0] = 0
             sharded[key] = built
+    if top and consume:
+        _trim_heap()
+
+
+_TRIM_BYTES = 64 << 20
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc ``malloc_trim``; elsewhere nothing)."""
+    import ctypes
+    import ctypes.util
+
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 def save_model_checkpoint(
