@@ -66,13 +66,19 @@ def read_checkpoint_metadata(iteration_dir: str | os.PathLike):
     """The ``torch.distributed.checkpoint.metadata.Metadata`` of a torch_dist directory, read
     with the allow-list. Raises :class:`ConversionError` naming the file when it is missing,
     truncated or corrupt, or :class:`UnsafeMetadataError` when it refers to anything else."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
     path = Path(iteration_dir) / METADATA_FILE
     try:
         data = path.read_bytes()
     except OSError as e:
         raise ConversionError(f"cannot read {path}: {e.strerror or e}") from e
+    return parse_checkpoint_metadata(data, path)
+
+
+def parse_checkpoint_metadata(data: bytes, path: str | os.PathLike):
+    """The ``Metadata`` pickled in ``data`` (the contents of ``path``), read with the
+    allow-list; errors as :func:`read_checkpoint_metadata`'s."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
     try:
         meta = _RestrictedUnpickler(io.BytesIO(data), path).load()
     except UnsafeMetadataError:

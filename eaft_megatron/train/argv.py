@@ -340,20 +340,27 @@ def resolve_checkpoints(argv: list[str]) -> tuple[list[str], Start]:
     if start.load is not None:
         step = flag_value(out, "--ckpt-step")
         check_checkpoint_files(start.load, int(step) if step is not None else
-                               (start.iteration if start.resumed else None))
+                               (start.iteration if start.resumed else None),
+                               trust="--eaft-trust-checkpoint" in argv)
     return out, start
 
 
-def check_checkpoint_files(root: str, iteration: int | None) -> None:
+def check_checkpoint_files(root: str, iteration: int | None, *, trust: bool = False) -> None:
     """The torch_dist metadata of the checkpoint about to be loaded, read with the allow-listed
-    unpickler before megatron-core's loader unpickles it freely, and the data files it lists
-    present and long enough (:func:`eaft_megatron.convert.safe_metadata.validate_checkpoint_metadata`)."""
+    unpickler, and the data files it lists present and long enough
+    (:func:`eaft_megatron.convert.safe_metadata.validate_checkpoint_metadata`); unless
+    ``trust``, every pickled entry checked against the allow-list without unpickling it
+    (:func:`eaft_megatron.compat.safe_load.check_checkpoint_entries`)."""
+    from ..compat.safe_load import check_checkpoint_entries
     from ..convert.io import ConversionError
     from ..convert.megatron_ckpt import find_iteration_dir
     from ..convert.safe_metadata import validate_checkpoint_metadata
 
     try:
-        validate_checkpoint_metadata(find_iteration_dir(root, iteration))
+        iteration_dir = find_iteration_dir(root, iteration)
+        metadata = validate_checkpoint_metadata(iteration_dir)
+        if not trust:
+            check_checkpoint_entries(iteration_dir, metadata)
     except ConversionError as e:
         raise TrainArgError(str(e)) from None
 

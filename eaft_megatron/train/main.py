@@ -31,6 +31,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "directory stored with the checkpoint)")
     group.add_argument("--log-dir", default=None,
                        help="where metrics.jsonl goes (default: --save; none without either)")
+    group.add_argument("--eaft-trust-checkpoint", action="store_true",
+                       help="load --load's pickled entries (args, RNG, optimizer, _extra_state) "
+                            "without the allow-list: allows arbitrary code execution; only for "
+                            "checkpoints you made yourself")
     from .landscape import add_landscape_args
 
     add_landscape_args(group)
@@ -278,14 +282,22 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():  # "use a ModelConfig": we deliberately use a provider
         warnings.simplefilter("ignore", UserWarning)
         config = pretrain_cfg_container_from_args(args)
+    from ..compat.safe_load import refusal, safe_checkpoint_loading
+
     try:
-        pretrain(config, datasets_provider, ModelType.encoder_or_decoder, forward_step,
-                 model_provider=partial(model_provider, info.hf_config),
-                 skip_model_parallel_init=cpu)
+        with safe_checkpoint_loading(enabled=not args.eaft_trust_checkpoint):
+            pretrain(config, datasets_provider, ModelType.encoder_or_decoder, forward_step,
+                     model_provider=partial(model_provider, info.hf_config),
+                     skip_model_parallel_init=cpu)
     except RunStopped as e:
         if e.report:
             print(f"eaft_megatron.train: error: {e}", file=sys.stderr, flush=True)
         return EXIT_CODE
+    except BaseException:  # torch's CheckpointException is a BaseException
+        if refusal() is None:
+            raise
+        print(f"eaft_megatron.train: error: {refusal()}", file=sys.stderr, flush=True)
+        return 2
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
