@@ -1,5 +1,6 @@
 """Compatibility layers: running megatron-core on CPU (tests, the demo) in :mod:`.cpu`, child
-processes that never outlive their parent in :mod:`.processes`.
+processes that never outlive their parent in :mod:`.processes`, checkpoint loading that never
+unpickles freely in :mod:`.safe_load`.
 
 The :mod:`.cpu` names are imported lazily, so that ``compat.processes`` stays free of torch
 (preprocessing workers use it)."""
