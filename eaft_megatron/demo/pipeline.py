@@ -3,19 +3,21 @@
     eaft-megatron demo                               # CPU: ~4 min on 2 cores, into ./eaft-demo
     eaft-megatron demo --quick --workdir /tmp/d      # tiny sizes (the test uses this)
     eaft-megatron demo --hf-model DIR --data a.jsonl --tp 2 --iters 200   # your model and data
+    eaft-megatron demo --hf-model MOE_DIR --tp 1 --ep 2   # a mixture of experts, 2 expert ranks
 
 Steps (each says what it does and where its output is):
  1. a small Qwen3 model in Hugging Face format (a BPE tokenizer trained on the bundled chat data
-    and a randomly initialised ``Qwen3ForCausalLM``), unless ``--hf-model`` is given;
+    and a randomly initialised ``Qwen3ForCausalLM``), unless ``--hf-model`` is given (any
+    supported architecture, mixtures of experts included: ``--ep`` spreads the experts);
  2. ``convert hf-to-megatron`` at ``--tp`` (default 2);
  3. ``preprocess`` of the bundled chat dataset (or ``--data``): assistant-only loss masks;
- 4. the trainer, ``torchrun -m eaft_megatron.train`` with EAFT on ``--tp x --pp`` ranks (gloo
-    and fp32 on CPU; NCCL and bf16 on GPU), validating on held-out conversations (no prompt of
+ 4. the trainer, ``torchrun -m eaft_megatron.train`` with EAFT on ``--tp x --pp x --ep`` ranks
+    (gloo and fp32 on CPU; NCCL and bf16 on GPU), validating on held-out conversations (no prompt of
     them is in the training data), narrated from ``metrics.jsonl``; ``run/curves.png`` and
     ``run/tensorboard`` show the curves; the entropy-probability landscape of the held-out data
     before and after training (evaluation-only runs of the trainer on the same held-out samples:
     ``landscape/before``, ``landscape/after``, ``landscape/comparison.png``) with the share of
-    confident conflicts;
+    confident conflicts (``--no-landscape`` skips those two runs);
  5. ``convert megatron-to-hf`` of the trained checkpoint;
  6. ``transformers`` loads the result and generates, and its logits are compared with the
     Megatron model's on the same tokens.
@@ -104,6 +106,38 @@ def _have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _nproc(args) -> int:
+    """Trainer processes: ``--nproc``, by default one per model shard (tp x pp x ep)."""
+    return args.nproc or args.tp * args.pp * args.ep
+
+
+def _layout(args) -> str:
+    return f"TP={args.tp} x PP={args.pp}" + (f" x EP={args.ep}" if args.ep > 1 else "")
+
+
+def _ep_flags(args) -> list[str]:
+    return ["--expert-model-parallel-size", str(args.ep)] if args.ep > 1 else []
+
+
+def _check_layout(args, hf_dir: Path) -> str:
+    """The model's architecture, once the parallel sizes are checked against it (one line
+    naming the problem, before any work)."""
+    from ..convert.convert import load_hf_config
+    from ..models import check_parallel_sizes, get_arch
+
+    config = load_hf_config(hf_dir)
+    try:
+        arch = get_arch(config)
+        check_parallel_sizes(config, args.tp, args.pp, args.ep)
+    except ValueError as e:
+        raise SystemExit(f"eaft-megatron demo: {hf_dir}: {e}") from None
+    nproc = _nproc(args)
+    if nproc % (args.tp * args.pp * args.ep):
+        raise SystemExit(f"eaft-megatron demo: --nproc {nproc} is not a multiple of "
+                         f"--tp x --pp x --ep = {args.tp * args.pp * args.ep}")
+    return arch.hf_architecture
+
+
 def _landscape_eval(args, sizes: Sizes, ckpt: Path, valid: Path, valid_samples: int,
                     out: Path) -> dict | None:
     """An evaluation-only run of the trainer on ``ckpt`` (the converted model before training,
@@ -111,7 +145,7 @@ def _landscape_eval(args, sizes: Sizes, ckpt: Path, valid: Path, valid_samples: 
     (the same samples both times), into ``out``."""
     import torch
 
-    nproc = args.nproc or args.tp * args.pp
+    nproc = _nproc(args)
     micro = max(1, sizes.global_batch // max(1, nproc // (args.tp * args.pp)) // 4)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
@@ -123,7 +157,7 @@ def _landscape_eval(args, sizes: Sizes, ckpt: Path, valid: Path, valid_samples: 
         "--eval-iters", str(max(1, valid_samples // sizes.global_batch)),
         "--loss-type", args.loss_type, "--num-workers", "0", "--log-dir", str(out.parent),
         "--eaft-landscape", str(out),
-    ] + (["--bf16"] if torch.cuda.is_available() else [])
+    ] + _ep_flags(args) + (["--bf16"] if torch.cuda.is_available() else [])
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONWARNINGS="ignore")
     log = out.parent / f"{out.name}.log"
@@ -144,13 +178,10 @@ def _train(args, sizes: Sizes, ckpt: Path, data: Path, valid: Path, valid_sample
     import torch
 
     cuda = torch.cuda.is_available()
-    nproc = args.nproc or args.tp * args.pp
+    nproc = _nproc(args)
     if cuda and nproc > torch.cuda.device_count():
-        raise SystemExit(f"eaft-megatron demo: {nproc} processes (--tp {args.tp} x --pp {args.pp}) "
+        raise SystemExit(f"eaft-megatron demo: {nproc} processes ({_layout(args)}) "
                          f"need {nproc} GPUs, found {torch.cuda.device_count()}")
-    if nproc % (args.tp * args.pp):
-        raise SystemExit(f"eaft-megatron demo: --nproc {nproc} is not a multiple of "
-                         f"--tp x --pp = {args.tp * args.pp}")
     micro = max(1, sizes.global_batch // max(1, nproc // (args.tp * args.pp)) // 4)
     iters = args.iters or sizes.iters
     eval_iters = max(1, valid_samples // sizes.global_batch)  # the held-out set, once
@@ -171,7 +202,7 @@ def _train(args, sizes: Sizes, ckpt: Path, data: Path, valid: Path, valid_sample
         "--log-interval", str(max(1, iters // 10)),
         "--save-interval", str(iters), "--ckpt-format", "torch_dist",
         "--loss-type", args.loss_type, "--num-workers", "0",
-    ] + (["--eaft-landscape", str(landscape)] if landscape is not None else [])
+    ] + _ep_flags(args) + (["--eaft-landscape", str(landscape)] if landscape is not None else [])
     if _have("tensorboard"):
         cmd += ["--tensorboard-dir", str(run / "tensorboard"), "--tensorboard-log-interval",
                 str(max(1, iters // 10))]
@@ -232,7 +263,9 @@ def _describe(record: dict, iters: int) -> str | None:
     parts = [head]
     for key, label in (("lm_loss", "lm loss"), ("loss", f"{record.get('loss_type')} loss"),
                        ("gate_weight", "gate weight"), ("entropy", "entropy"),
-                       ("confident_conflicts", "confident conflicts")):
+                       ("confident_conflicts", "confident conflicts"),
+                       ("load_balancing_loss", "load-balancing loss"),
+                       ("expert_load_imbalance", "expert load max/mean")):
         if isinstance(record.get(key), (int, float)):
             parts.append(f"{label} {record[key]:.4g}")
     return " | ".join(parts)
@@ -368,8 +401,9 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     data_src = Path(args.data) if args.data else BUNDLED_DATA
     if args.hf_model:
-        _say(1, total, f"Using your Hugging Face model {args.hf_model}")
         hf_dir = Path(args.hf_model)
+        _say(1, total, f"Using your Hugging Face model {hf_dir} "
+                       f"({_check_layout(args, hf_dir)})")
     else:
         _say(1, total, f"Making a small Qwen3 model in Hugging Face format "
                        f"(hidden {sizes.hidden}, {sizes.layers} layers, BPE vocabulary "
@@ -378,6 +412,8 @@ def run_demo(args: argparse.Namespace) -> dict:
         make_qwen3_model(hf_dir, vocab_size=sizes.vocab, hidden=sizes.hidden,
                          layers=sizes.layers)
 
+    if not args.hf_model:
+        _check_layout(args, hf_dir)
     _say(2, total, f"Converting it to a Megatron-Core checkpoint (torch_dist, TP={args.tp}, "
                    f"PP={args.pp}) -> {work / 'mcore'}")
     ckpt = hf_to_megatron(hf_dir, work / "mcore", tp=args.tp, pp=args.pp, progress=True)
@@ -396,12 +432,12 @@ def run_demo(args: argparse.Namespace) -> dict:
             "documents", "tokens", "supervised_tokens", "truncated", "skipped") if k in s))
 
     _say(4, total, f"Training with {args.loss_type.upper()} through Megatron's own loop "
-                   f"(torchrun, TP={args.tp} x PP={args.pp}), validating on the held-out "
+                   f"(torchrun, {_layout(args)}), validating on the held-out "
                    f"conversations -> {work / 'run'}")
     run = work / "run"
     valid_samples = _sample_count(summaries["valid"])
-    before = _landscape_eval(args, sizes, ckpt, work / "data" / "valid", valid_samples,
-                             work / "landscape" / "before")
+    before = None if args.no_landscape else _landscape_eval(
+        args, sizes, ckpt, work / "data" / "valid", valid_samples, work / "landscape" / "before")
     if before is not None:
         print(f"  before training (evaluation-only run): confident conflicts "
               f"{100 * before['confident_conflicts']:.2f}% of {before['tokens']} held-out "
@@ -421,9 +457,11 @@ def run_demo(args: argparse.Namespace) -> dict:
           + (f"; TensorBoard: tensorboard --logdir {run / 'tensorboard'}"
              if (run / "tensorboard").is_dir() else ""))
 
-    _landscape_eval(args, sizes, run, work / "data" / "valid", valid_samples,
-                    work / "landscape" / "after")
-    landscapes = _report_landscapes(work / "landscape", before)
+    landscapes = {}
+    if not args.no_landscape:
+        _landscape_eval(args, sizes, run, work / "data" / "valid", valid_samples,
+                        work / "landscape" / "after")
+        landscapes = _report_landscapes(work / "landscape", before)
 
     _say(5, total, f"Converting the trained checkpoint back to Hugging Face -> {work / 'hf_sft'}")
     hf_out = megatron_to_hf(run, work / "hf_sft", progress=True)
@@ -450,10 +488,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="your chat JSONL (default: the bundled one)")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel size for a mixture-of-experts --hf-model (default 1)")
     p.add_argument("--nproc", type=int, default=None,
-                   help="processes, a multiple of tp x pp (default: tp x pp; the rest is "
-                        "data parallel)")
+                   help="processes, a multiple of tp x pp x ep (default: tp x pp x ep; the "
+                        "rest is data parallel)")
     p.add_argument("--iters", type=int, default=None, help="training iterations")
+    p.add_argument("--no-landscape", action="store_true",
+                   help="skip the evaluation-only runs (landscape before/after training)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--loss-type", choices=["sft", "dft", "eaft"], default="eaft")
 

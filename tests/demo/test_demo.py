@@ -79,3 +79,67 @@ def test_demo_quick_runs_every_stage(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(work / "hf_sft", dtype=torch.float32)
     assert model.config.architectures == ["Qwen3ForCausalLM"]
     assert isinstance(result["check"]["reply"], str)
+
+
+def _tiny_moe_with_tokenizer(directory: Path) -> Path:
+    """A random Qwen3-MoE (8 experts, top-2, one dense layer) sized to a tokenizer trained
+    like the demo's own."""
+    import transformers
+
+    from eaft_megatron.demo.assets import BUNDLED_DATA, train_tokenizer
+
+    train_tokenizer(BUNDLED_DATA, directory, vocab_size=400)
+    vocab = len(transformers.AutoTokenizer.from_pretrained(directory))
+    config = transformers.Qwen3MoeConfig(
+        architectures=["Qwen3MoeForCausalLM"], vocab_size=vocab, hidden_size=64,
+        intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, mlp_only_layers=[1], num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=2, pad_token_id=0,
+        dtype="float32")
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(
+        directory)
+    return directory
+
+
+def test_demo_quick_moe_with_expert_parallelism(tmp_path):
+    """``demo --hf-model <Qwen3-MoE> --tp 1 --ep 2``: two ranks each holding half the experts
+    train it; the export's logits equal the Megatron model's (transformers' MoE forward).
+    (``--no-landscape``: the evaluation-only runs are the dense test's.)"""
+    hf = _tiny_moe_with_tokenizer(tmp_path / "moe")
+    work = tmp_path / "demo"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+    proc = subprocess.run([sys.executable, "-m", "eaft_megatron", "demo", "--quick",
+                           "--hf-model", str(hf), "--tp", "1", "--ep", "2", "--no-landscape",
+                           "--workdir", str(work)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "(Qwen3MoeForCausalLM)" in proc.stdout and "TP=1 x PP=1 x EP=2" in proc.stdout
+    assert "--expert-model-parallel-size 2" in proc.stdout
+    records = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) >= 2 and train[-1]["loss"] < train[0]["loss"]
+    assert all(r["expert_load_imbalance"] >= 1 for r in train)
+    assert "expert load max/mean" in proc.stdout
+    result = json.loads((work / "demo_result.json").read_text())
+    assert result["check"]["max_logit_diff"] < 1e-4
+    import transformers
+
+    exported = transformers.AutoModelForCausalLM.from_pretrained(work / "hf_sft",
+                                                                 dtype=torch.float32)
+    assert exported.config.architectures == ["Qwen3MoeForCausalLM"]
+    assert exported.config.num_experts == 8
+
+    assert not (work / "landscape").exists()
+
+    # the layout is checked against the model before any work: one line naming the problem
+    from argparse import Namespace
+
+    from eaft_megatron.demo.pipeline import _check_layout
+
+    for sizes, message in ((dict(ep=3), "expert parallel size 3 does not divide the 8"),
+                           (dict(ep=2, nproc=3), "--nproc 3 is not a multiple of")):
+        args = Namespace(**{"tp": 1, "pp": 1, "nproc": None, **sizes})
+        with pytest.raises(SystemExit, match=message):
+            _check_layout(args, hf)
