@@ -76,7 +76,10 @@ def _megatron_model(hf_dir: Path, ckpt: Path, device, dtype, te: bool):
     model.to(device)
     iteration = int((ckpt / "latest_checkpointed_iteration.txt").read_text().strip())
     iter_dir = ckpt / f"iter_{iteration:07d}"
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir))
+    from eaft_megatron.compat.safe_load import safe_checkpoint_loading
+
+    with safe_checkpoint_loading():  # nothing in the checkpoint is unpickled freely
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir))
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:
