@@ -365,6 +365,55 @@ def check_checkpoint_files(root: str, iteration: int | None, *, trust: bool = Fa
         raise TrainArgError(str(e)) from None
 
 
+def saved_expert_parallel_size(root: str, iteration: int | None) -> int | None:
+    """``--expert-model-parallel-size`` of the run that saved a trainer checkpoint (Megatron's
+    args in its common state, unpickled with :func:`eaft_megatron.compat.safe_load.load_checked`);
+    None for a converted checkpoint or when it cannot be read (the loader then says why)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from ..compat.safe_load import COMMON_FILE, load_checked
+    from ..convert.megatron_ckpt import find_iteration_dir
+    from ..convert.safe_metadata import validate_checkpoint_metadata
+
+    try:
+        iteration_dir = find_iteration_dir(root, iteration)
+        common = iteration_dir / COMMON_FILE
+        if common.is_file():
+            state = load_checked(common.read_bytes(), str(common))
+        else:
+            metadata = validate_checkpoint_metadata(iteration_dir)
+            index, info = next((i, v) for i, v in metadata.storage_data.items()
+                               if i.fqn.startswith("common_state") and isinstance(
+                                   metadata.state_dict_metadata.get(i.fqn),
+                                   BytesStorageMetadata))
+            with open(iteration_dir / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                state = load_checked(f.read(info.length), f"{info.relative_path} {index.fqn}")
+            state = state[0] if isinstance(state, list) else state
+        return int(state["args"].expert_model_parallel_size)
+    except Exception:  # noqa: BLE001 - not a trainer checkpoint, or unreadable: not ours to say
+        return None
+
+
+def check_expert_parallel_resume(argv: list[str], start: Start) -> None:
+    """Resuming training (optimizer state) at another expert-parallel size than the checkpoint
+    was saved with fails inside megatron-core 0.19: its optimizer is a chain of one optimizer
+    per data-parallel group (dense, expert), whose number changes with EP, and the saved chain
+    does not load into another one. Weights load at any EP (evaluation, ``--finetune``)."""
+    if start.load is None or start.finetune or "--skip-train" in argv:
+        return
+    saved = saved_expert_parallel_size(start.load, start.iteration)
+    ep = _int_flag(argv, "--expert-model-parallel-size", 1)
+    if saved is not None and saved != ep:
+        raise TrainArgError(
+            f"--expert-model-parallel-size {ep}: the checkpoint {start.load} (iteration "
+            f"{start.iteration}) was saved at expert-parallel size {saved}, and megatron-core "
+            f"cannot load its optimizer state at another one; resume with "
+            f"--expert-model-parallel-size {saved}, or load only its weights at {ep} "
+            f"(--eval-only, or a new --save with --finetune: optimizer state and iteration "
+            f"restart)")
+
+
 def _importable(module: str) -> bool:
     import importlib.util
 
@@ -400,6 +449,7 @@ def complete_argv(argv: list[str], *, cpu: bool, te_available: bool) -> tuple[li
     hf_config = load_hf_config(hf_dir)
     check_same_architecture(hf_dir, start.load)
     check_parallel_sizes(argv, hf_config)
+    check_expert_parallel_resume(argv, start)
     check_eaft_flags(argv, hf_config)
     summary = check_data(argv)
     added: list[str] = []

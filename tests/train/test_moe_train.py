@@ -9,8 +9,9 @@ Inputs: the tiny random Qwen3-MoE and GLM-4.5 of ``tests/models/tiny_moe.py`` (4
 Launches (7 in all): Qwen3-MoE 6 iterations at EP=1 (save + evaluation every 3), 3 iterations
 at EP=2 on 2 ranks (save + evaluation at 3, ``--exit-interval``), its resume to iteration 6,
 an evaluation-only run of it at EP=1; GLM-4.5 one iteration at EP=2 (save) and a resume of it
-for a second one. Resuming *training* at another EP than the checkpoint's is not tested: in
-megatron-core 0.19 the optimizer state does not load across a change of EP (see README).
+for a second one. Resuming *training* at another EP than the checkpoint's fails inside
+megatron-core 0.19 (its optimizer state does not load across a change of EP): the trainer
+refuses it in one line (tested without a launch).
 
 "Same losses" at EP=1 and EP=2: micro-batch 1 and global batch 4 in both layouts (EP=1: one
 rank, 4 micro-batches; EP=2: data-parallel 2 for the dense parts, expert-data-parallel 1, 2
@@ -284,6 +285,24 @@ def test_ep2_checkpoint_evaluates_at_ep1(tiny, ep2):
     assert got["iteration"] == 3
     for key in ("loss", "lm_loss", "gate_weight", "entropy", "confident_conflicts"):
         assert got[key] == pytest.approx(reference[key], rel=REL), key
+
+
+def test_resume_at_another_ep_is_refused(tiny, ep2):
+    """megatron-core 0.19 cannot load the EP=2 optimizer chain (dense + expert optimizers) into
+    the EP=1 one (measured: a ValueError on the param groups; EP=1 -> 2: "Expected 2 entries
+    in state dict"): the trainer says so in one line before starting; weights-only loads
+    (evaluation, --finetune) are allowed."""
+    from eaft_megatron.train.argv import TrainArgError, complete_argv
+
+    common = [*QWEN, *_common(tiny), "--train-iters", "6"]
+    load = ["--load", str(tiny["root"] / "ep2")]
+    with pytest.raises(TrainArgError, match="saved at expert-parallel size 2"):
+        complete_argv([*load, "--save", str(tiny["root"] / "ep1_resume"), *common], cpu=True,
+                      te_available=False)
+    for allowed in (["--eval-only"], ["--save", str(tiny["root"] / "ep1_new"), "--finetune"],
+                    ["--save", str(tiny["root"] / "ep2_more"), "--expert-model-parallel-size",
+                     "2"]):
+        complete_argv([*load, *allowed, *common], cpu=True, te_available=False)
 
 
 def test_ep2_checkpoint_converts_back_to_hf(tiny, straight, ep2):
