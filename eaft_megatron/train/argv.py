@@ -4,7 +4,10 @@ The user types only what is not architecture; :func:`complete_argv` adds, unless
 
 - the architecture flags derived from the HF config (``--hf-config DIR``, else ``<load>/hf/``,
   as written by ``eaft-megatron convert hf-to-megatron`` and by this trainer's ``--save``);
-  a value typed by the user that disagrees with the HF config is an error;
+  a value typed by the user that disagrees with the HF config is an error; for MoE models also
+  the training settings that follow the model unless typed (:func:`moe_training_flags`: aux
+  loss coefficient, all-to-all dispatcher, fp32 router); GLM's ``expert_bias`` update rate is
+  megatron-core's default ``--moe-router-bias-update-rate`` 1e-3 (HF configs have no such field);
 - ``--tokenizer-type NullTokenizer --vocab-size V`` (the data is already tokenized) and
   ``--seq-length`` from the prepared data's summary;
 - where the run starts (:mod:`.restart`): ``--load SRC`` (+ ``--finetune``) resuming the latest
@@ -13,8 +16,10 @@ The user types only what is not architecture; :func:`complete_argv` adds, unless
   it; a checkpoint named and missing is an error;
 - checks that fail in one line before any heavy work: prepared data present and complete
   (``--data-path`` / ``--train-data-path`` / ``--valid-data-path``), tensor/pipeline sizes that
-  divide heads, query groups and layers, EAFT flags, a pretrained checkpoint of another
-  architecture than ``--hf-config``;
+  divide heads, query groups and layers (and an expert-parallel size that divides the experts),
+  EAFT flags, a pretrained checkpoint of another architecture than ``--hf-config``, resuming
+  training at another expert-parallel size than the checkpoint's (megatron-core cannot load
+  its optimizer state there; :func:`check_expert_parallel_resume`);
 - ``--calculate-per-token-loss`` (always: loss = sum of w*CE over the global batch / global
   number of supervised tokens), ``--train-iters 0`` for ``--skip-train`` / ``--eval-only``;
 - on a machine without CUDA, ``eaft_megatron.compat.CPU_PRETRAIN_FLAGS`` (gloo, local spec,
