@@ -370,21 +370,30 @@ def check_checkpoint_files(root: str, iteration: int | None, *, trust: bool = Fa
         raise TrainArgError(str(e)) from None
 
 
-def saved_expert_parallel_size(root: str, iteration: int | None) -> int | None:
+def saved_expert_parallel_size(root: str, iteration: int | None, *,
+                               trust: bool = False) -> int | None:
     """``--expert-model-parallel-size`` of the run that saved a trainer checkpoint (Megatron's
-    args in its common state, unpickled with :func:`eaft_megatron.compat.safe_load.load_checked`);
-    None for a converted checkpoint or when it cannot be read (the loader then says why)."""
+    args in its common state, unpickled with :func:`eaft_megatron.compat.safe_load.load_checked`,
+    or freely with ``trust``); None for a converted checkpoint or when it cannot be read (the
+    loader then says why)."""
+    import io
+
+    import torch
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     from ..compat.safe_load import COMMON_FILE, load_checked
     from ..convert.megatron_ckpt import find_iteration_dir
     from ..convert.safe_metadata import validate_checkpoint_metadata
 
+    def load(data: bytes, where: str):
+        return torch.load(io.BytesIO(data), weights_only=False) if trust else \
+            load_checked(data, where)
+
     try:
         iteration_dir = find_iteration_dir(root, iteration)
         common = iteration_dir / COMMON_FILE
         if common.is_file():
-            state = load_checked(common.read_bytes(), str(common))
+            state = load(common.read_bytes(), str(common))
         else:
             metadata = validate_checkpoint_metadata(iteration_dir)
             index, info = next((i, v) for i, v in metadata.storage_data.items()
@@ -393,7 +402,7 @@ def saved_expert_parallel_size(root: str, iteration: int | None) -> int | None:
                                    BytesStorageMetadata))
             with open(iteration_dir / info.relative_path, "rb") as f:
                 f.seek(info.offset)
-                state = load_checked(f.read(info.length), f"{info.relative_path} {index.fqn}")
+                state = load(f.read(info.length), f"{info.relative_path} {index.fqn}")
             state = state[0] if isinstance(state, list) else state
         return int(state["args"].expert_model_parallel_size)
     except Exception:  # noqa: BLE001 - not a trainer checkpoint, or unreadable: not ours to say
@@ -407,7 +416,8 @@ def check_expert_parallel_resume(argv: list[str], start: Start) -> None:
     does not load into another one. Weights load at any EP (evaluation, ``--finetune``)."""
     if start.load is None or start.finetune or "--skip-train" in argv:
         return
-    saved = saved_expert_parallel_size(start.load, start.iteration)
+    saved = saved_expert_parallel_size(start.load, start.iteration,
+                                       trust="--eaft-trust-checkpoint" in argv)
     ep = _int_flag(argv, "--expert-model-parallel-size", 1)
     if saved is not None and saved != ep:
         raise TrainArgError(
