@@ -268,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             return _error(problem)
         install_landscape_hooks(Landscape(args, hf_dir=str(info.hf_dir)))
     install_guard()
+    from ..compat.optimizer import install_optimizer_fixes
+
+    install_optimizer_fixes()  # --use-distributed-optimizer resumes without TE/apex
     log.on_start(resumed=start.iteration > 0, iteration=start.iteration,
                  checkpoint=start.load, finetune=start.finetune)
     if args.rank == 0:

@@ -223,7 +223,7 @@ def test_one_line_error_and_exit_2(tmp_path, tiny):
 def _launch(tiny, run: Path) -> list[str]:
     return ["--load", str(tiny["ckpt"]), "--save", str(run), "--data-path", str(tiny["data"]),
             "--save-interval", "2", "--train-iters", str(ITERS),
-            "--tensor-model-parallel-size", "2", *COMMON]
+            "--tensor-model-parallel-size", "2", "--use-distributed-optimizer", *COMMON]
 
 
 def _popen(log_dir: Path, args: list[str], log) -> subprocess.Popen:
@@ -252,6 +252,9 @@ def _snapshot(root: Path, up_to: int) -> dict:
 
 
 def test_kill_9_then_identical_rerun_resumes(tiny):
+    """With the distributed optimizer (as clusters run): megatron-core 0.19.2 without TE/apex
+    cannot resume it at all, and restores Adam's step wrongly (eaft_megatron/compat/optimizer.py);
+    the resumed losses and gradient norms below catch both."""
     straight = tiny["root"] / "straight"
     reference = check(run_train(straight, *_launch(tiny, straight), nproc=2)).train()
     assert sorted(reference) == list(range(1, ITERS + 1))
