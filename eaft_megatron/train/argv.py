@@ -19,7 +19,8 @@ The user types only what is not architecture; :func:`complete_argv` adds, unless
   divide heads, query groups and layers (and an expert-parallel size that divides the experts),
   EAFT flags, a pretrained checkpoint of another architecture than ``--hf-config``, resuming
   training at another expert-parallel size than the checkpoint's (megatron-core cannot load
-  its optimizer state there; :func:`check_expert_parallel_resume`);
+  its optimizer state there; :func:`check_expert_parallel_resume`), training a MoE model at
+  TP > 1 without ``--sequence-parallel`` (or at all on CPU; :func:`check_moe_tensor_parallel`);
 - ``--calculate-per-token-loss`` (always: loss = sum of w*CE over the global batch / global
   number of supervised tokens), ``--train-iters 0`` for ``--skip-train`` / ``--eval-only``;
 - on a machine without CUDA, ``eaft_megatron.compat.CPU_PRETRAIN_FLAGS`` (gloo, local spec,
@@ -409,6 +410,27 @@ def saved_expert_parallel_size(root: str, iteration: int | None, *,
         return None
 
 
+def check_moe_tensor_parallel(argv: list[str], hf_config: Any, *, cpu: bool) -> None:
+    """megatron-core's MoE layer refuses to train with TP > 1 without ``--sequence-parallel``
+    (at the first forward, after loading); on CPU sequence parallelism is not available at all
+    (the local spec's torch norms refuse it). Evaluation-only runs are not affected."""
+    from ..models.config import moe_config_from_hf
+
+    tp = _int_flag(argv, "--tensor-model-parallel-size", 1)
+    if tp == 1 or "--skip-train" in argv or not moe_config_from_hf(hf_config):
+        return
+    if cpu:
+        raise TrainArgError(f"--tensor-model-parallel-size {tp}: megatron-core trains MoE "
+                            f"models with tensor parallelism only with --sequence-parallel, "
+                            f"which its CPU (local) layer norms do not support; train at "
+                            f"tensor-parallel size 1 on CPU (expert, pipeline and data "
+                            f"parallelism work)")
+    if not _has(argv, "--sequence-parallel"):
+        raise TrainArgError(f"--tensor-model-parallel-size {tp}: megatron-core trains MoE "
+                            f"models with tensor parallelism only with --sequence-parallel; "
+                            f"add it")
+
+
 def check_expert_parallel_resume(argv: list[str], start: Start) -> None:
     """Resuming training (optimizer state) at another expert-parallel size than the checkpoint
     was saved with fails inside megatron-core 0.19: its optimizer is a chain of one optimizer
@@ -465,6 +487,7 @@ def complete_argv(argv: list[str], *, cpu: bool, te_available: bool) -> tuple[li
     check_same_architecture(hf_dir, start.load)
     check_parallel_sizes(argv, hf_config)
     check_expert_parallel_resume(argv, start)
+    check_moe_tensor_parallel(argv, hf_config, cpu=cpu)
     check_eaft_flags(argv, hf_config)
     summary = check_data(argv)
     added: list[str] = []

@@ -9,9 +9,9 @@ Inputs: the tiny random Qwen3-MoE and GLM-4.5 of ``tests/models/tiny_moe.py`` (4
 Launches (7 in all): Qwen3-MoE 6 iterations at EP=1 (save + evaluation every 3), 3 iterations
 at EP=2 on 2 ranks (save + evaluation at 3, ``--exit-interval``), its resume to iteration 6,
 an evaluation-only run of it at EP=1; GLM-4.5 one iteration at EP=2 (save) and a resume of it
-for a second one. Resuming *training* at another EP than the checkpoint's fails inside
-megatron-core 0.19 (its optimizer state does not load across a change of EP): the trainer
-refuses it in one line (tested without a launch).
+for a second one. Resuming *training* at another EP than the checkpoint's, and training at
+TP > 1 without sequence parallelism, fail inside megatron-core 0.19: the trainer refuses them
+in one line (tested without a launch).
 
 "Same losses" at EP=1 and EP=2: micro-batch 1 and global batch 4 in both layouts (EP=1: one
 rank, 4 micro-batches; EP=2: data-parallel 2 for the dense parts, expert-data-parallel 1, 2
@@ -287,11 +287,13 @@ def test_ep2_checkpoint_evaluates_at_ep1(tiny, ep2):
         assert got[key] == pytest.approx(reference[key], rel=REL), key
 
 
-def test_resume_at_another_ep_is_refused(tiny, ep2):
-    """megatron-core 0.19 cannot load the EP=2 optimizer chain (dense + expert optimizers) into
-    the EP=1 one (measured: a ValueError on the param groups; EP=1 -> 2: "Expected 2 entries
-    in state dict"): the trainer says so in one line before starting; weights-only loads
-    (evaluation, --finetune) are allowed."""
+def test_moe_layouts_megatron_cannot_train_are_refused(tiny, ep2):
+    """One line before starting, for what fails deep inside megatron-core 0.19: resuming at
+    another EP (the EP=2 optimizer chain, dense + expert optimizers, does not load into the
+    EP=1 one: a ValueError on the param groups; EP=1 -> 2: "Expected 2 entries in state
+    dict"; weights-only loads, evaluation and --finetune, are allowed) and training at TP > 1
+    without --sequence-parallel (the MoE layer's ValueError at the first forward; on CPU the
+    local norms refuse sequence parallelism)."""
     from eaft_megatron.train.argv import TrainArgError, complete_argv
 
     common = [*QWEN, *_common(tiny), "--train-iters", "6"]
@@ -303,6 +305,14 @@ def test_resume_at_another_ep_is_refused(tiny, ep2):
                     ["--save", str(tiny["root"] / "ep2_more"), "--expert-model-parallel-size",
                      "2"]):
         complete_argv([*load, *allowed, *common], cpu=True, te_available=False)
+    # megatron-core's MoE layer trains at TP > 1 only with sequence parallelism (not on CPU)
+    fresh = ["--load", str(tiny["root"] / "qwen3_moe_mcore"), "--tensor-model-parallel-size", "2"]
+    with pytest.raises(TrainArgError, match="--sequence-parallel, which its CPU"):
+        complete_argv([*fresh, *common], cpu=True, te_available=False)
+    with pytest.raises(TrainArgError, match="only with --sequence-parallel; add it"):
+        complete_argv([*fresh, *common], cpu=False, te_available=True)
+    complete_argv([*fresh, "--sequence-parallel", *common], cpu=False, te_available=True)
+    complete_argv([*fresh, "--eval-only", *common], cpu=True, te_available=False)
 
 
 def test_ep2_checkpoint_converts_back_to_hf(tiny, straight, ep2):
