@@ -20,7 +20,8 @@ layer and flags, added automatically). Loss: sum of ``w_t * CE_t`` over the glob
 by its number of supervised tokens (``--calculate-per-token-loss``, always on). Logged through
 Megatron (stdout, TensorBoard, W&B): ``lm loss`` (plain CE), ``<loss_type> loss``, ``gate
 weight``, ``entropy``, ``confident conflicts`` (see ``eaft_megatron.megatron.loss``), and one
-JSON line per logged iteration / evaluation in ``<--log-dir or --save>/metrics.jsonl``.
+JSON line per logged iteration / evaluation in ``<--log-dir or --save>/metrics.jsonl`` (MoE
+models: also the load-balancing loss and the expert load, see ``metrics.py``).
 
 ==============  ==============================================================================
 ``main.py``     the entry point: ``--help``, command line, CPU setup, HF config into ``--save``,
