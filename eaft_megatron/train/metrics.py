@@ -199,12 +199,15 @@ class MetricsLog:
 
 def install_metrics_hooks(log: MetricsLog) -> None:
     """Wrap Megatron's ``training_log``, ``evaluate_and_print_results`` and ``evaluate`` so
-    they feed ``log``; idempotent per process (a second call replaces the log)."""
+    they feed ``log``, and megatron-core's ``MoEMetricsTracker.report`` (called inside
+    ``training_log``) to see the MoE aux losses; idempotent per process (a second call
+    replaces the log)."""
     uninstall_metrics_hooks()
     import megatron.training.training as loop
     from megatron.training import get_args
 
     current = {"kind": "valid", "iteration": 0, "final": False}
+    moe_losses: dict[str, float] = {}  # this iteration's MoE aux losses, as megatron reports them
 
     def wrap_training_log(original):
         signature = inspect.signature(original)
@@ -229,8 +232,6 @@ def install_metrics_hooks(log: MetricsLog) -> None:
             return result
 
         return training_log
-
-    moe_losses: dict[str, float] = {}
 
     def wrap_moe_report(original):
         def report(self, *args, **kwargs):
