@@ -179,7 +179,7 @@ def test_complete_argv(tmp_path, monkeypatch):
     from eaft_megatron.train.argv import TrainArgError, complete_argv, flag_value
 
     # a hand-made checkpoint layout; its files are validated in tests/train/test_restart.py
-    monkeypatch.setattr(argv_module, "check_checkpoint_files", lambda root, iteration: None)
+    monkeypatch.setattr(argv_module, "check_checkpoint_files", lambda root, iteration, **kw: None)
     from tests.train.fixtures import hf_config
 
     hf_config().save_pretrained(tmp_path / "ckpt" / "hf")
