@@ -116,9 +116,10 @@ def _check(data: bytes, where: str) -> list[tuple[Any, str]]:
     return extra
 
 
-def load_checked(data: bytes, where: str) -> Any:
+def load_checked(data: bytes, where: str, *, record: bool = True) -> Any:
     """Unpickle one ``torch.save`` archive: globals checked first (:func:`_check`), then
-    torch's weights-only unpickler with exactly those extras. ``where`` names it in errors."""
+    torch's weights-only unpickler with exactly those extras. ``where`` names it in errors;
+    ``record=False``: a refusal is only raised, not kept for :func:`refusal`."""
     import pickle
 
     import torch
@@ -133,7 +134,8 @@ def load_checked(data: bytes, where: str) -> Any:
             raise UnsafeCheckpointError(
                 f"{where} refused by torch's weights-only unpickler ({first[:300]})") from None
     except UnsafeCheckpointError as e:
-        _refused.append(str(e))  # megatron/torch wrap what a load raises: the trainer says this
+        if record:  # megatron/torch wrap what a load raises: the trainer says this
+            _refused.append(str(e))
         raise
 
 

@@ -375,11 +375,9 @@ def saved_expert_parallel_size(root: str, iteration: int | None, *,
                                trust: bool = False) -> int | None:
     """``--expert-model-parallel-size`` of the run that saved a trainer checkpoint (Megatron's
     args in its common state, unpickled with :func:`eaft_megatron.compat.safe_load.load_checked`,
-    or freely with ``trust``); None for a converted checkpoint or when it cannot be read (the
-    loader then says why)."""
-    import io
-
-    import torch
+    also with ``trust``: nothing is unpickled freely before Megatron's own loader; a refusal then
+    only skips this check); None for a converted checkpoint or when it cannot be read (the loader
+    then says why)."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     from ..compat.safe_load import COMMON_FILE, load_checked
@@ -387,8 +385,7 @@ def saved_expert_parallel_size(root: str, iteration: int | None, *,
     from ..convert.safe_metadata import validate_checkpoint_metadata
 
     def load(data: bytes, where: str):
-        return torch.load(io.BytesIO(data), weights_only=False) if trust else \
-            load_checked(data, where)
+        return load_checked(data, where, record=not trust)
 
     try:
         iteration_dir = find_iteration_dir(root, iteration)
