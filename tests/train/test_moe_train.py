@@ -42,7 +42,6 @@ its routers' own logits and choices):
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +49,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .launch import ROOT, check, run_train
+from .launch import ROOT, check, run_train, subprocess_env
 
 REL = 1e-5
 RATE = 1e-3  # megatron-core's default --moe-router-bias-update-rate (the trainer keeps it)
@@ -79,15 +78,11 @@ def build(root: Path) -> None:
     write_data(root / "data" / "train")
 
 
-def _env() -> dict:
-    return dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe_train")
     subprocess.run([sys.executable, "-m", "tests.train.test_moe_train", str(root)], cwd=ROOT,
-                   env=_env(), check=True, capture_output=True, timeout=300)
+                   env=subprocess_env(), check=True, capture_output=True, timeout=300)
     return dict(root=root, data=root / "data" / "train")
 
 
@@ -100,7 +95,7 @@ def _export(tiny, run: str) -> Path:
     if not out.exists():
         subprocess.run([sys.executable, "-m", "eaft_megatron", "convert", "megatron-to-hf",
                         "--megatron", str(tiny["root"] / run), "--out", str(out),
-                        "--dtype", "fp32"], cwd=ROOT, env=_env(), check=True,
+                        "--dtype", "fp32"], cwd=ROOT, env=subprocess_env(), check=True,
                        capture_output=True, timeout=300)
     return out
 

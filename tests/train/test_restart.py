@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .launch import ROOT, _free_port, check, run_train
+from .launch import ROOT, _free_port, build_tiny, check, run_train, subprocess_env
 
 REL = 1e-5
 COMMON = ["--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-3", "--min-lr",
@@ -29,17 +29,9 @@ COMMON = ["--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-3",
 ITERS = 24  # long enough that the kill below lands mid-run
 
 
-def _env() -> dict:
-    return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("restart")
-    subprocess.run([sys.executable, "-m", "tests.train.fixtures", str(root)], cwd=ROOT,
-                   env=_env(), check=True, capture_output=True, timeout=300)
-    return dict(root=root, ckpt=root / "mcore", data=root / "data" / "train")
+    return build_tiny(tmp_path_factory.mktemp("restart"))
 
 
 def _fake_checkpoint(root: Path, iterations: list[int], tracker: int | None,
@@ -174,7 +166,7 @@ def test_crafted_metadata_is_refused_before_loading(tmp_path, tiny):
 
 def test_help_lists_the_eaft_flags():
     proc = subprocess.run([sys.executable, "-m", "eaft_megatron.train", "--help"], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     eaft = out[out.index("EAFT (eaft_megatron)"):]
@@ -202,7 +194,8 @@ def test_one_line_error_and_exit_2(tmp_path, tiny):
            "-m", "eaft_megatron.train",
            "--load", str(empty), "--hf-config", str(tiny["ckpt"] / "hf"),
            "--data-path", str(tiny["data"]), *COMMON]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode != 0
     lines = [x for x in proc.stderr.splitlines() if x.startswith("eaft_megatron.train: error")]
     assert lines == [f"eaft_megatron.train: error: --load {empty}: no checkpoint there (no "
@@ -211,8 +204,8 @@ def test_one_line_error_and_exit_2(tmp_path, tiny):
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert "eaft_megatron/train/" not in proc.stderr  # no frame of ours in torchrun's summary
     direct = subprocess.run([sys.executable, "-m", "eaft_megatron.train", "--load", str(empty),
-                             "--hf-config", str(tiny["ckpt"] / "hf")], cwd=ROOT, env=_env(),
-                            capture_output=True, text=True, timeout=300)
+                             "--hf-config", str(tiny["ckpt"] / "hf")], cwd=ROOT,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert direct.returncode == 2 and str(empty) in direct.stderr
 
 
@@ -231,8 +224,8 @@ def _popen(log_dir: Path, args: list[str], log) -> subprocess.Popen:
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            "-m", "eaft_megatron.train",
            "--log-dir", str(log_dir), "--num-workers", "0", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _records(log_dir: Path) -> list[dict]:

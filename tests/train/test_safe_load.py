@@ -25,24 +25,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from .launch import ROOT, _free_port, check, run_train
+from .launch import ROOT, _free_port, build_tiny, check, run_train, subprocess_env
 
 COMMON = ["--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-3",
           "--log-interval", "1", "--seed", "1234", "--eval-iters", "0",
           "--eval-interval", "1000", "--loss-type", "eaft"]
 
 
-def _env(**extra: str) -> dict:
-    return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **extra,
-                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("safeload")
-    subprocess.run([sys.executable, "-m", "tests.train.fixtures", str(root)], cwd=ROOT,
-                   env=_env(), check=True, capture_output=True, timeout=300)
-    return dict(root=root, ckpt=root / "mcore", data=root / "data" / "train")
+    return build_tiny(tmp_path_factory.mktemp("safeload"))
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +220,8 @@ def test_the_real_command_exits_2_with_one_line_and_writes_nothing(tiny, trained
     before = sorted(p.name for p in tmp_path.iterdir())
     proc = subprocess.run([sys.executable, "-m", "eaft_megatron.train", "--load", str(run),
                            "--save", str(save), "--data-path", str(tiny["data"]), *COMMON],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [x for x in proc.stderr.splitlines() if x.startswith("eaft_megatron.train: error")]
     assert lines == [f"eaft_megatron.train: error: {distcp}, entry common_state/shard_0_1, refers "
@@ -248,7 +241,7 @@ def test_a_checkpoint_swapped_after_the_check_is_refused_by_the_loader(tiny, tra
     shutil.copytree(trained / "iter_0000002", crafted)
     marker = tmp_path / "pwned"
     distcp = _plant(crafted, "common_state/shard_0_1", _saved(_Payload(marker)))
-    env = _env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+    env = subprocess_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
