@@ -109,8 +109,6 @@ class ExpertLoad:
     def reduce(self) -> dict[str, float]:
         """The imbalance figures over every rank's counts (a collective: all ranks call it);
         resets the counts. Empty when no router counted anything."""
-        from megatron.core import parallel_state
-
         if self.shape is None:
             return {}
         table = torch.zeros(self.shape, dtype=torch.float64)
@@ -120,10 +118,8 @@ class ExpertLoad:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         table = table.to(device)
-        torch.distributed.all_reduce(
-            table, group=parallel_state.get_tensor_and_data_parallel_group(
-                with_context_parallel=True))
-        torch.distributed.all_reduce(table, group=parallel_state.get_pipeline_model_parallel_group())
+        # every rank of the job (tensor x context x data x pipeline): one collective
+        torch.distributed.all_reduce(table)
         table = table[table.sum(dim=1) > 0]
         if not len(table):
             return {}
