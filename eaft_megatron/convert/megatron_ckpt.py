@@ -211,26 +211,17 @@ def _tensors_only(sharded):
     return sharded
 
 
-def _sharded_tensors(sharded):
-    """Every ShardedTensor of a (nested) sharded state dict."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    if isinstance(sharded, ShardedTensor):
-        yield sharded
-    elif isinstance(sharded, (dict, list)):
-        for v in sharded.values() if isinstance(sharded, dict) else sharded:
-            yield from _sharded_tensors(v)
-
-
 def _check_requested_tensors(sharded, meta, iteration_dir: Path) -> None:
     """Every tensor the model asks for is in the checkpoint with the model's global shape:
     otherwise one line naming them (torch_dist's own failure is a multi-rank report)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     stored = {k: tuple(v.size) for k, v in meta.state_dict_metadata.items()
               if isinstance(v, TensorStorageMetadata)}
     missing, wrong = set(), {}
-    for t in _sharded_tensors(sharded):
+    for t in (v for v in nested_values(sharded) if isinstance(v, ShardedTensor)):
         if t.key not in stored:
             missing.add(t.key)
         elif tuple(t.global_shape) != stored[t.key]:
