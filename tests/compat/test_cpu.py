@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from eaft_megatron.compat import cpu
 
-from tests.distributed import spawn
+from tests.support.launch import spawn
 
 SEED = 1234
 VOCAB, SEQ, MICRO_BATCH, NUM_MICRO_BATCHES = 128, 16, 2, 2

@@ -1,14 +1,14 @@
 """The trainer never unpickles a checkpoint freely (``eaft_megatron/compat/safe_load.py``).
 
-    python -m pytest -q tests/train/test_safe_load.py
+    python -m pytest -q tests/compat/test_safe_load.py
 
-A real trainer checkpoint (the tiny Qwen3 of ``fixtures.py``, 2 iterations, optimizer and RNG
-state) is read entry by entry through the safe path and compared with torch's own free
-unpickling; payloads planted in its common state, an ``_extra_state`` entry, the RNG entry and
-a ``common.pt`` are refused before anything runs (in-process, and by the real command: exit 2,
-one line, nothing written), and a checkpoint swapped for a crafted one after that check is
-refused by the loader inside ``pretrain()`` (one direct launch). The payload never runs.
-(Resuming through the safe path is ``test_pretrain.py::test_resume_equals_straight``.)
+A real trainer checkpoint (the tiny Qwen3 of ``tests/support/fixtures.py``, 2 iterations, optimizer
+and RNG state) is read entry by entry through the safe path and compared with torch's own free
+unpickling; payloads planted in its common state, an ``_extra_state`` entry, the RNG entry and a
+``common.pt`` are refused before anything runs (in-process, and by the real command: exit 2, one
+line, nothing written), and a checkpoint swapped for a crafted one after that check is refused by
+the loader inside ``pretrain()`` (one direct launch). The payload never runs. (Resuming through the
+safe path is ``test_pretrain.py::test_resume_equals_straight``.)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .launch import ROOT, _free_port, build_tiny, check, run_train, subprocess_env
+from tests.support.launch import ROOT, build_tiny, check, free_port, run_train, subprocess_env
 
 COMMON = ["--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-3",
           "--log-interval", "1", "--seed", "1234", "--eval-iters", "0",
@@ -242,7 +242,7 @@ def test_a_checkpoint_swapped_after_the_check_is_refused_by_the_loader(tiny, tra
     marker = tmp_path / "pwned"
     distcp = _plant(crafted, "common_state/shard_0_1", _saved(_Payload(marker)))
     env = subprocess_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
         proc = subprocess.Popen(

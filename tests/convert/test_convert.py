@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from eaft_megatron.convert import ConversionError, hf_to_megatron, megatron_to_hf
 from eaft_megatron.paths import UnsafePathError
-from tests.distributed import spawn
-from tests.models.tiny_hf import CASES, build, tokens
+from tests.support.launch import spawn
+from tests.support.tiny_models import CASES, build, tokens
 
 ATOL = 1e-4
 

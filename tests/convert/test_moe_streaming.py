@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from eaft_megatron.convert import ConversionError, hf_to_megatron, megatron_to_hf
 from eaft_megatron.convert.megatron_ckpt import find_iteration_dir
 from eaft_megatron.convert.safe_metadata import read_checkpoint_metadata
-from tests.models.tiny_moe import build_moe
+from tests.support.tiny_models import build_moe
 
 # Qwen3-MoE tiny model: layer 1 dense (its fc1 a plain SwiGLU), layers 0/2/3 routed experts
 # (stacked [experts, 2 x ffn, hidden] in torch_dist).
@@ -75,7 +75,7 @@ def test_checkpoint_wrong_shape_is_named(converted, tmp_path):
                                      "model.layers.0.mlp.experts.7.up_proj.weight",
                                      "model.layers.1.mlp.up_proj.weight"])
 def test_hf_missing_tensor_is_named(converted, tmp_path, missing):
-    from tests.models.tiny_moe import read_saved
+    from tests.support.tiny_models import read_saved
 
     src, _ = converted
     broken = tmp_path / "hf"

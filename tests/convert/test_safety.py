@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from eaft_megatron.cli import main
 from eaft_megatron.convert import checkpoint_tensor_shapes, hf_to_megatron
 from eaft_megatron.convert.safe_metadata import UnsafeMetadataError, read_checkpoint_metadata
-from tests.models.tiny_hf import build
+from tests.support.tiny_models import build
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .builders import (CHATML_SPECIAL, CHATML_TEMPLATE, GLM_SPECIAL, GLM_TEMPLATE,
+from tests.support.data import (CHATML_SPECIAL, CHATML_TEMPLATE, GLM_SPECIAL, GLM_TEMPLATE,
                        QWEN3_TEMPLATE, save_hf_dir, train_bpe, train_sentencepiece)
 
 

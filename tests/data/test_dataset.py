@@ -10,7 +10,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from eaft_megatron.data import (SFTIndexedDataset, block_causal_mask, merge_cu_seqlens,
                                 packed_seq_params, preprocess)
 
-from .builders import write_jsonl
+from tests.support.data import write_jsonl
 from .test_pipeline import chat
 
 SEQ = 96

@@ -6,7 +6,7 @@ import sentencepiece as spm
 from eaft_megatron.data import ConfigError, InvalidRecord, encode_record, parse_record
 from eaft_megatron.data.hf_chat import HFChatTokenizer
 
-from .builders import PieceOracle, chatml_oracle, save_hf_dir
+from tests.support.data import PieceOracle, chatml_oracle, save_hf_dir
 
 SYSTEM = {"role": "system", "content": "you are helpful"}
 MULTI_TURN = [
@@ -114,7 +114,7 @@ def test_qwen3_tool_chain_history_rewritten_later(tokenizers, chatml_bpe):
 def test_generation_prompt_unlike_earlier_turns(tmp_path, chatml_bpe):
     """Qwen3 with thinking off: prompts end with an empty <think></think> that earlier turns do
     not have; those turns are located by the part of the prompt they share (the header)."""
-    from .builders import QWEN3_TEMPLATE
+    from tests.support.data import QWEN3_TEMPLATE
 
     template = QWEN3_TEMPLATE.replace(
         "{{- '<|im_start|>assistant\\n' -}}{%- endif -%}",

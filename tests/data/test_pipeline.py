@@ -15,7 +15,7 @@ from eaft_megatron.data import PreprocessError, load_summary, preprocess
 from eaft_megatron.data import pipeline as pipeline_module
 from eaft_megatron.data import writer as writer_module
 
-from .builders import chatml_oracle, write_jsonl
+from tests.support.data import chatml_oracle, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = "hello world the quick brown fox jumps over a lazy dog cats birds".split()

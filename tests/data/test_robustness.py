@@ -17,7 +17,7 @@ import pytest
 from eaft_megatron.cli import main
 from eaft_megatron.data.workers import WorkerDied, WorkerPool
 
-from .builders import write_jsonl
+from tests.support.data import write_jsonl
 from .test_pipeline import chat, files_in, read_back
 
 CLI = [sys.executable, "-m", "eaft_megatron", "preprocess"]

@@ -81,33 +81,13 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert isinstance(result["check"]["reply"], str)
 
 
-def _tiny_moe_with_tokenizer(directory: Path) -> Path:
-    """A random Qwen3-MoE (8 experts, top-2, one dense layer) sized to a tokenizer trained
-    like the demo's own."""
-    import transformers
-
-    from eaft_megatron.demo.assets import BUNDLED_DATA, train_tokenizer
-
-    train_tokenizer(BUNDLED_DATA, directory, vocab_size=400)
-    vocab = len(transformers.AutoTokenizer.from_pretrained(directory))
-    config = transformers.Qwen3MoeConfig(
-        architectures=["Qwen3MoeForCausalLM"], vocab_size=vocab, hidden_size=64,
-        intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-        norm_topk_prob=True, mlp_only_layers=[1], num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-        tie_word_embeddings=False, bos_token_id=None, eos_token_id=2, pad_token_id=0,
-        dtype="float32")
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(
-        directory)
-    return directory
-
-
 def test_demo_quick_moe_with_expert_parallelism(tmp_path):
     """``demo --hf-model <Qwen3-MoE> --tp 1 --ep 2``: two ranks each holding half the experts
     train it; the export's logits equal the Megatron model's (transformers' MoE forward).
     (``--no-landscape``: the evaluation-only runs are the dense test's.)"""
-    hf = _tiny_moe_with_tokenizer(tmp_path / "moe")
+    from tests.support.tiny_models import build_demo_moe
+
+    hf = build_demo_moe(tmp_path / "moe")
     work = tmp_path / "demo"
     env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
     proc = subprocess.run([sys.executable, "-m", "eaft_megatron", "demo", "--quick",

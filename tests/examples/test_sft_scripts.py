@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_single_node_script_runs_on_cpu_and_reruns(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    subprocess.run([sys.executable, "-m", "tests.train.fixtures", str(tmp_path)], cwd=ROOT,
+    subprocess.run([sys.executable, "-m", "tests.support.fixtures", str(tmp_path)], cwd=ROOT,
                    env=env, check=True, capture_output=True, timeout=300)
     # torchrun of this interpreter first; no nvidia-smi on the PATH: the CPU path
     env.update(PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin", MODEL="qwen3-4b", TP="1",

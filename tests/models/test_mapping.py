@@ -29,7 +29,7 @@ from eaft_megatron.models import (
     transformer_config_from_hf,
 )
 
-from .tiny_hf import CASES, build
+from tests.support.tiny_models import CASES, build
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

@@ -20,9 +20,9 @@ import re
 import pytest
 import torch
 
-from tests.distributed import spawn
+from tests.support.launch import spawn
 
-from .tiny_hf import CASES
+from tests.support.tiny_models import CASES
 
 ATOL = 1e-4
 COLUMN_PARALLEL = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight",
@@ -50,7 +50,7 @@ def _check_case(case: str, tp: int) -> dict:
     )
     from eaft_megatron.models.transforms import tp_shard
 
-    from .tiny_hf import build, tokens
+    from tests.support.tiny_models import build, tokens
 
     hf_config, hf_model, hf_state = build(case)
     arch = get_arch(hf_config)
@@ -111,7 +111,7 @@ def _pipeline_stage_names(case: str) -> dict:
     from eaft_megatron.compat import cpu_transformer_config_kwargs
     from eaft_megatron.models import build_gpt_model
 
-    from .tiny_hf import CASES
+    from tests.support.tiny_models import CASES
 
     config = CASES[case]()
     model = build_gpt_model(config, pipeline_model_parallel_size=2, transformer_impl="local",

@@ -4,9 +4,9 @@
 
 For each tiny random MoE model (Qwen3-MoE, Qwen2-MoE, GLM-4.5; 8 experts, top-2 or top-4,
 peaked random router: several experts per token, uneven load; dense and MoE layers mixed; see
-``tiny_moe.py``), saved by transformers, converted once with ``convert hf-to-megatron``
-(EP=1), one spawn of 4 ranks loads it from that torch_dist checkpoint at
-(TP, EP, PP) = (1, 1, 1), (2, 1, 1), (1, 2, 1) and (1, 2, 2): megatron-core's own MoE layer
+``tests/support/tiny_models.py``), saved by transformers, converted once with
+``convert hf-to-megatron`` (EP=1), one spawn of 4 ranks loads it from that torch_dist checkpoint
+at (TP, EP, PP) = (1, 1, 1), (2, 1, 1), (1, 2, 1) and (1, 2, 2): megatron-core's own MoE layer
 (all-to-all token dispatcher, SequentialMLP experts) must give transformers' logits (fp32) at
 each layout. The model loaded at EP=2 x PP=2 is saved again (each rank writing its experts) and
 converted back to HF: bit-exact with the source, every tensor (GLM-4.5's multi-token-prediction
@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from eaft_megatron.convert import hf_to_megatron, megatron_to_hf
-from tests.distributed import spawn
+from tests.support.launch import spawn
 
-from .tiny_moe import MOE_CASES, build_moe, read_saved, tokens
+from tests.support.tiny_models import MOE_CASES, build_moe, read_saved, tokens
 
 ATOL = 1e-4
 LAYOUTS = ((1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 2, 2))  # (tp, ep, pp)

@@ -7,7 +7,7 @@ import pytest
 from eaft_megatron.models import check_parallel_sizes, get_arch, hf_names, megatron_names
 from eaft_megatron.models.config import moe_config_from_hf
 
-from .tiny_moe import MOE_CASES
+from tests.support.tiny_models import MOE_CASES
 
 
 def test_router_fields_follow_the_hf_config():
@@ -64,7 +64,7 @@ def test_expert_parallel_sizes_checked():
         check_parallel_sizes(config, 1, 1, ep=3)
     with pytest.raises(ValueError, match="expert tensor parallel size 3 does not divide"):
         check_parallel_sizes(config, 1, 1, ep=1, etp=3)
-    from .tiny_hf import CASES
+    from tests.support.tiny_models import CASES
 
     with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
         check_parallel_sizes(CASES["qwen3"](), 1, 1, ep=2)

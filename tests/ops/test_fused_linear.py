@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from eaft_megatron import fused_linear_eaft_cross_entropy, vocab_parallel_eaft_cross_entropy
-from tests.distributed import spawn
+from tests.support.launch import spawn
 
 LOSS_TYPES = ("sft", "dft", "eaft")
 TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-2, 2e-2)}  # (loss, grads) atol

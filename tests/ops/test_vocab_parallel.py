@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eaft_megatron import EAFTTokenStats, vocab_parallel_eaft_cross_entropy
-from tests.distributed import spawn
+from tests.support.launch import spawn
 from tests.ops.reference import make_case, reference_eaft
 
 LOSS_TYPES = ("sft", "dft", "eaft")

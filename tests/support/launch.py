@@ -1,24 +1,37 @@
-"""Spawn real ``torch.distributed`` gloo process groups for tests.
+"""Every process the tests start: gloo groups spawned in-process, and torchrun launches.
 
 ``spawn(fn, world_size, *args)`` starts ``world_size`` processes (spawn start method, so no
 forked OpenMP state), initialises a gloo group in each, calls ``fn(rank, world_size, *args)``
 and returns the per-rank return values (must be picklable). A failure or timeout in any rank
 fails the test with that rank's traceback. Each spawn costs seconds of imports: group several
 checks into one ``fn``.
+
+``run_train(log_dir, *args, nproc=...)`` runs ``python -m eaft_megatron.train`` under torchrun
+(real gloo groups, Megatron's own loop) and reads back its ``metrics.jsonl``; ``torchrun(...)`` is
+the command line every torchrun launch in the tests uses; ``subprocess_env()`` the environment of
+every child.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import pickle
 import queue
 import socket
+import subprocess
+import sys
 import traceback
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
+ROOT = Path(__file__).resolve().parents[2]
 
-def _free_port() -> int:
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for MASTER_PORT)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -56,7 +69,7 @@ def spawn(
 ) -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(
             target=_worker, args=(rank, world_size, port, fn, args, dict(env or {}), results)
@@ -88,3 +101,54 @@ def spawn(
     if errors:
         raise AssertionError("\n".join(errors))
     return [outputs[r] for r in range(world_size)]
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment of every child the tests start: this checkout importable, one thread per
+    process, no warnings noise."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra,
+                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
+def torchrun(*target: str, nproc: int = 1) -> list[str]:
+    """``python -m torch.distributed.run`` on 127.0.0.1 at a free port, then ``target``
+    (e.g. ``"-m", "eaft_megatron.train", ...``)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *target]
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    records: list[dict]
+
+    def of(self, kind: str) -> list[dict]:
+        return [r for r in self.records if r["kind"] == kind]
+
+    def train(self) -> dict[int, dict]:
+        return {r["iteration"]: r for r in self.of("train")}
+
+
+def build_tiny(root: Path) -> dict:
+    """``fixtures.py``'s tiny Qwen3 (HF + converted checkpoint) and data, built in a child."""
+    subprocess.run([sys.executable, "-m", "tests.support.fixtures", str(root)], cwd=ROOT,
+                   env=subprocess_env(), check=True, capture_output=True, timeout=300)
+    return dict(root=root, ckpt=root / "mcore", data=root / "data" / "train")
+
+
+def run_train(log_dir: Path, *args: str, nproc: int = 1, timeout: float = 300) -> Run:
+    """Launch the trainer; ``log_dir`` is passed as ``--log-dir`` (metrics.jsonl)."""
+    cmd = torchrun("-m", "eaft_megatron.train", "--log-dir", str(log_dir), "--num-workers", "0",
+                   *args, nproc=nproc)
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    metrics = Path(log_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] \
+        if metrics.is_file() else []
+    return Run(proc.returncode, proc.stdout + proc.stderr, records)
+
+
+def check(run: Run) -> Run:
+    assert run.returncode == 0, run.output[-6000:]
+    return run

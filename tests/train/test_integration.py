@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from tests.distributed import spawn
+from tests.support.launch import spawn
 
 
 def _model_checks(rank: int, world: int) -> dict:
@@ -27,12 +27,12 @@ def _model_checks(rank: int, world: int) -> dict:
     from eaft_megatron.megatron import (EAFTLossConfig, eaft_loss_installed, install_eaft_loss,
                                         uninstall_eaft_loss)
     from eaft_megatron.models import build_gpt_model
-    from tests.train.fixtures import hf_config
+    from tests.support.tiny_models import train_config
 
     install_cpu_compat()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    hf = hf_config()
+    hf = train_config()
     model = build_gpt_model(hf, tensor_model_parallel_size=world, transformer_impl="local",
                             **cpu_transformer_config_kwargs())
     gen = torch.Generator().manual_seed(0)
@@ -180,9 +180,9 @@ def test_complete_argv(tmp_path, monkeypatch):
 
     # a hand-made checkpoint layout; its files are validated in tests/train/test_restart.py
     monkeypatch.setattr(argv_module, "check_checkpoint_files", lambda root, iteration, **kw: None)
-    from tests.train.fixtures import hf_config
+    from tests.support.tiny_models import train_config
 
-    hf_config().save_pretrained(tmp_path / "ckpt" / "hf")
+    train_config().save_pretrained(tmp_path / "ckpt" / "hf")
     (tmp_path / "ckpt" / "eaft_megatron.json").write_text("{}")
     (tmp_path / "ckpt" / "iter_0000000").mkdir()
     (tmp_path / "ckpt" / "iter_0000000" / ".metadata").write_bytes(b"")

@@ -2,11 +2,11 @@
 
     python -m pytest -q tests/train/test_landscape.py
 
-Inputs: the tiny random Qwen3 of ``fixtures.py`` with a sharpened output layer (so it is
-confident) and a word-level tokenizer (``t0``..``t299``) stored with it; conversations generated
-greedily by ``transformers`` from that model (every label is the model's own most likely token)
-except for PLANTED ones, where two labels at confident positions are swapped for the token the
-model finds least likely (generation continues greedily after the swap). They are written over
+Inputs: the tiny random Qwen3 of ``tests/support/tiny_models.py`` with a sharpened output layer (so
+it is confident) and a word-level tokenizer (``t0``..``t299``) stored with it; conversations
+generated greedily by ``transformers`` from that model (every label is the model's own most likely
+token) except for PLANTED ones, where two labels at confident positions are swapped for the token
+the model finds least likely (generation continues greedily after the swap). They are written over
 two JSONL files with blank lines, prepared packed (several conversations per sample).
 
 Proofs, each an evaluation-only run of ``python -m eaft_megatron.train`` under torchrun:
@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from .launch import ROOT, check, run_train
+from tests.support.launch import ROOT, check, run_train
 
 SEQ = 64
 PLANTED = {("a.jsonl", 6), ("b.jsonl", 4), ("b.jsonl", 12)}  # (file, line)
@@ -57,9 +57,10 @@ def _build(root: Path) -> dict:
     from eaft_megatron.convert import hf_to_megatron
     from eaft_megatron.data import preprocess
 
-    from .fixtures import VOCAB, build_hf_model
+    from tests.support.tiny_models import TRAIN_VOCAB as VOCAB
+    from tests.support.tiny_models import build_train_model
 
-    hf = build_hf_model(root / "hf_model", seed=0)
+    hf = build_train_model(root / "hf_model", seed=0)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(5.0)  # a confident model

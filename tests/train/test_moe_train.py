@@ -3,9 +3,10 @@ gloo, CPU, fp32, megatron-core's MoE layer with the all-to-all dispatcher.
 
     python -m pytest -q tests/train/test_moe_train.py
 
-Inputs: the tiny random Qwen3-MoE and GLM-4.5 of ``tests/models/tiny_moe.py`` (4 layers, hidden
-64, 8 experts, peaked routers: uneven load) saved by transformers and converted with
-``convert hf-to-megatron`` (EP=1), and the 24 tokenized conversations of ``fixtures.py``.
+Inputs: the tiny random Qwen3-MoE and GLM-4.5 of ``tests/support/tiny_models.py`` (4 layers,
+hidden 64, 8 experts, peaked routers: uneven load) saved by transformers and converted with
+``convert hf-to-megatron`` (EP=1), and the 24 tokenized conversations of
+``tests/support/fixtures.py``.
 Launches (7 in all): Qwen3-MoE 6 iterations at EP=1 (save + evaluation every 3), 3 iterations
 at EP=2 on 2 ranks (save + evaluation at 3, ``--exit-interval``), its resume to iteration 6,
 an evaluation-only run of it at EP=1; GLM-4.5 one iteration at EP=2 (save) and a resume of it
@@ -49,7 +50,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .launch import ROOT, check, run_train, subprocess_env
+from tests.support.launch import ROOT, check, run_train, subprocess_env
 
 REL = 1e-5
 RATE = 1e-3  # megatron-core's default --moe-router-bias-update-rate (the trainer keeps it)
@@ -67,9 +68,9 @@ COMPARED = ("loss", "lm_loss", "gate_weight", "entropy", "confident_conflicts", 
 def build(root: Path) -> None:
     """The two tiny MoE models, saved by transformers and converted, and the data."""
     from eaft_megatron.convert import hf_to_megatron
-    from tests.models.tiny_moe import build_moe
+    from tests.support.tiny_models import build_moe
 
-    from .fixtures import write_data
+    from tests.support.fixtures import write_data
 
     for case in ("qwen3_moe", "glm4_moe"):
         build_moe(case, root / f"{case}_hf")
@@ -212,7 +213,7 @@ def _checkpoint_tensors(iteration_dir: Path, contains: str) -> dict[str, torch.T
 
 
 def _hf_bias(model_dir: Path) -> dict[int, torch.Tensor]:
-    from tests.models.tiny_moe import read_saved
+    from tests.support.tiny_models import read_saved
 
     return {int(k.split(".")[2]): v for k, v in read_saved(Path(model_dir)).items()
             if k.endswith("mlp.gate.e_score_correction_bias") and int(k.split(".")[2]) < 4}

@@ -2,9 +2,9 @@
 
     python -m pytest -q tests/train/test_pretrain.py
 
-Inputs (``fixtures.py``): a random 2-layer, hidden-64 Qwen3 saved by ``transformers``, converted
-with ``eaft-megatron convert hf-to-megatron``, and 24 tokenized conversations prepared with
-``eaft_megatron.data``. Every run starts from the converted weights (``--finetune``), so all
+Inputs (``tests/support/fixtures.py``): a random 2-layer, hidden-64 Qwen3 saved by ``transformers``,
+converted with ``eaft-megatron convert hf-to-megatron``, and 24 tokenized conversations prepared
+with ``eaft_megatron.data``. Every run starts from the converted weights (``--finetune``), so all
 parallel layouts start from the same model (pipeline stages are seeded differently). Every
 evaluation covers exactly the 24 stored samples (6 x global batch 4, validation unshuffled).
 Proofs:
@@ -29,7 +29,7 @@ import sys
 import pytest
 import torch
 
-from .launch import ROOT, check, run_train
+from tests.support.launch import ROOT, check, run_train
 
 REL = 1e-5
 TOP_K = 20
@@ -43,7 +43,7 @@ EVAL_ALL = ("--eval-iters", "6")  # 6 x 4 = the 24 stored samples, in stored ord
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
-    subprocess.run([sys.executable, "-m", "tests.train.fixtures", str(root)], cwd=ROOT,
+    subprocess.run([sys.executable, "-m", "tests.support.fixtures", str(root)], cwd=ROOT,
                    env=env, check=True, capture_output=True, timeout=300)
     return dict(root=root, hf=root / "hf_model", ckpt=root / "mcore", data=root / "data" / "train")
 

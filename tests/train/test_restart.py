@@ -2,9 +2,9 @@
 
     python -m pytest -q tests/train/test_restart.py
 
-Real torchrun launches of ``python -m eaft_megatron.train`` (gloo, CPU, Megatron's own loop) on
-the tiny fixtures of ``fixtures.py``; the restart rules themselves are also checked in-process
-on checkpoint directories laid out by hand.
+Real torchrun launches of ``python -m eaft_megatron.train`` (gloo, CPU, Megatron's own loop) on the
+tiny fixtures of ``tests/support/fixtures.py``; the restart rules themselves are also checked
+in-process on checkpoint directories laid out by hand.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .launch import ROOT, _free_port, build_tiny, check, run_train, subprocess_env
+from tests.support.launch import (ROOT, build_tiny, check, run_train, subprocess_env,
+                                  torchrun)
 
 REL = 1e-5
 COMMON = ["--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-3", "--min-lr",
@@ -127,9 +128,9 @@ def test_argument_mistakes_are_named(tmp_path, tiny):
         with pytest.raises(TrainArgError, match=message):
             complete("--load", ckpt, "--save", str(tmp_path / "r"), *extra)
     other = tmp_path / "other_hf"
-    from tests.train.fixtures import hf_config
+    from tests.support.tiny_models import train_config
 
-    config = hf_config()
+    config = train_config()
     config.hidden_size = 128
     config.save_pretrained(other)
     with pytest.raises(TrainArgError, match="is a different model than --hf-config"):
@@ -189,11 +190,9 @@ def test_help_percent_escape():
 def test_one_line_error_and_exit_2(tmp_path, tiny):
     empty = tmp_path / "empty"
     empty.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           "-m", "eaft_megatron.train",
-           "--load", str(empty), "--hf-config", str(tiny["ckpt"] / "hf"),
-           "--data-path", str(tiny["data"]), *COMMON]
+    cmd = torchrun("-m", "eaft_megatron.train",
+                   "--load", str(empty), "--hf-config", str(tiny["ckpt"] / "hf"),
+                   "--data-path", str(tiny["data"]), *COMMON, nproc=2)
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0
@@ -220,10 +219,8 @@ def _launch(tiny, run: Path) -> list[str]:
 
 
 def _popen(log_dir: Path, args: list[str], log) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           "-m", "eaft_megatron.train",
-           "--log-dir", str(log_dir), "--num-workers", "0", *args]
+    cmd = torchrun("-m", "eaft_megatron.train", "--log-dir", str(log_dir), "--num-workers", "0",
+                   *args, nproc=2)
     return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
