@@ -29,6 +29,8 @@ __all__ = [
     "check_parallel_sizes",
     "default_transformer_impl",
     "gpt_model_kwargs",
+    "language_model_config",
+    "linear_attention_config_from_hf",
     "moe_config_from_hf",
     "padded_vocab_size",
     "rope_from_hf",
@@ -47,7 +49,34 @@ ARCH_CONFIG_FIELDS = (
     "moe_router_pre_softmax", "moe_layer_freq", "moe_shared_expert_intermediate_size",
     "moe_shared_expert_gate", "moe_router_enable_expert_bias", "moe_router_num_groups",
     "moe_router_group_topk", "moe_router_topk_scaling_factor",
+    # gated-DeltaNet hybrids (None / False / defaults otherwise)
+    "experimental_attention_variant", "linear_attention_freq", "linear_conv_kernel_dim",
+    "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+    "linear_num_value_heads", "attention_output_gate", "layernorm_zero_centered_gamma",
 )
+
+
+def language_model_config(hf_config: Any) -> Any:
+    """The config the tables read: ``hf_config`` itself, or for a vision-language architecture
+    whose spec names a ``text_config`` (Qwen3_5ForConditionalGeneration) a copy of that text
+    config carrying the top-level ``architectures`` and ``tie_word_embeddings``. Raises
+    ValueError when such a config has no text config."""
+    from .registry import ARCHITECTURES
+
+    archs = getattr(hf_config, "architectures", None) or [None]
+    arch = ARCHITECTURES.get(archs[0])
+    if arch is None or arch.text_config is None or getattr(hf_config, "_eaft_text_view", False):
+        return hf_config
+    text = getattr(hf_config, arch.text_config, None)
+    if text is None:
+        raise ValueError(f"{arch.hf_architecture}: the HF config has no {arch.text_config}")
+    import copy
+
+    view = copy.deepcopy(text)
+    view.architectures = list(hf_config.architectures)
+    view.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+    view._eaft_text_view = True
+    return view
 
 
 def te_available() -> bool:
@@ -87,6 +116,10 @@ def check_parallel_sizes(hf_config: Any, tp: int, pp: int, ep: int = 1,
     routed experts and the expert TP (``etp``, default ``tp``) the expert FFN size."""
     d = ModelDims.from_hf(hf_config)
     etp = tp if etp is None else etp
+    for what, n in (("linear_num_key_heads (gated DeltaNet)", d.linear_key_heads),
+                    ("linear_num_value_heads (gated DeltaNet)", d.linear_value_heads)):
+        if n and n % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide {what}={n}")
     if tp < 1 or pp < 1 or ep < 1 or etp < 1:
         raise ValueError(f"parallel sizes must be >= 1; got tp={tp}, pp={pp}, ep={ep}, "
                          f"etp={etp}")
@@ -226,6 +259,41 @@ def moe_config_from_hf(hf_config: Any, arch: ArchSpec | None = None) -> dict[str
     return out
 
 
+def linear_attention_config_from_hf(hf_config: Any, arch: ArchSpec | None = None
+                                    ) -> dict[str, Any]:
+    """The megatron-core ``TransformerConfig`` fields of a gated-DeltaNet hybrid ({} for other
+    architectures): ``experimental_attention_variant="gated_delta_net"``, the per-layer
+    ``linear_attention_freq`` list from ``layer_types`` (1 = DeltaNet), the DeltaNet sizes, the
+    attention output gate and zero-centred norms. Raises ValueError for a ``layer_types`` list
+    megatron-core cannot express and for value heads that are not a multiple of key heads."""
+    arch = arch or get_arch(hf_config)
+    out: dict[str, Any] = {}
+    if arch.attention_output_gate:
+        out["attention_output_gate"] = True
+    if arch.zero_centered_norms:
+        out["layernorm_zero_centered_gamma"] = True
+    if not arch.linear_attention:
+        return out
+    d = ModelDims.from_hf(hf_config)
+    if d.linear_value_heads % d.linear_key_heads:
+        raise ValueError(f"{arch.hf_architecture}: linear_num_value_heads="
+                         f"{d.linear_value_heads} is not a multiple of linear_num_key_heads="
+                         f"{d.linear_key_heads}")
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"{arch.hf_architecture}: hidden_act={act!r} is not supported ('silu')")
+    out.update(
+        experimental_attention_variant="gated_delta_net",
+        linear_attention_freq=arch.linear_layers(hf_config),
+        linear_conv_kernel_dim=d.linear_conv_kernel,
+        linear_key_head_dim=d.linear_key_head_dim,
+        linear_value_head_dim=d.linear_value_head_dim,
+        linear_num_key_heads=d.linear_key_heads,
+        linear_num_value_heads=d.linear_value_heads,
+    )
+    return out
+
+
 def transformer_config_from_hf(hf_config: Any, **overrides: Any):
     """A Megatron-Core ``TransformerConfig`` for a HF Qwen2/Qwen3/GLM-4/GLM-4-0414 config.
 
@@ -272,6 +340,7 @@ def transformer_config_from_hf(hf_config: Any, **overrides: Any):
         transformer_impl=default_transformer_impl(),
     )
     kwargs.update(moe_config_from_hf(hf_config, arch))
+    kwargs.update(linear_attention_config_from_hf(hf_config, arch))
     kwargs.update(overrides)
     if pp > 1 and "pipeline_dtype" not in overrides:
         kwargs["pipeline_dtype"] = kwargs.get("params_dtype", torch.float32)

@@ -137,7 +137,12 @@ def block_spec(arch: ArchSpec, config: Any, *, te: bool, vp_stage: int | None = 
     """What ``GPTModel`` takes as its layer spec: for dense architectures :func:`layer_spec`;
     for MoE ones a ``TransformerBlockSubmodules`` with this pipeline stage's layers, a MoE layer
     where ``config.moe_layer_freq`` says 1 and the dense layer elsewhere (as megatron's
-    ``get_gpt_decoder_block_spec``, whose local variant lacks the RMSNorm choice here)."""
+    ``get_gpt_decoder_block_spec``, whose local variant lacks the RMSNorm choice here).
+    Gated-DeltaNet hybrids: :func:`.hybrid.hybrid_block_spec`."""
+    if arch.linear_attention:
+        from .hybrid import hybrid_block_spec
+
+        return hybrid_block_spec(config, te=te, vp_stage=vp_stage, pp_rank=pp_rank)
     qk = bool(config.qk_layernorm)
     if arch.moe is None or not config.num_moe_experts:
         return layer_spec(arch, te=te, qk_layernorm=qk)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .config import te_available
-from .spec import MEGATRON_SHAPES, ArchSpec, Mapping, ModelDims, VocabRows
+from .spec import LAYER_CONDITIONS, MEGATRON_SHAPES, ArchSpec, Mapping, ModelDims, VocabRows
 from .transforms import fill_layer
 
 __all__ = [
@@ -57,15 +57,18 @@ TE_RENAMES = {
 Getter = Callable[[str], torch.Tensor]
 
 
-def to_te_name(name: str, *, moe_layer: bool = False) -> str:
+def to_te_name(name: str, *, moe_layer: bool = False, linear_layer: bool = False) -> str:
     """The TransformerEngine-spec name of a local-spec Megatron parameter name.
 
-    In a MoE layer the pre-MLP norm stays a separate module (no fused linear follows it)."""
+    In a MoE layer the pre-MLP norm stays a separate module (no fused linear follows it); in a
+    gated-DeltaNet layer the input norm is fused into the DeltaNet's ``in_proj``."""
     prefix, _, leaf = name.rpartition(".layers.")
     if prefix:
         index, _, rest = leaf.partition(".")
         if moe_layer and rest == "pre_mlp_layernorm.weight":
             return name
+        if linear_layer and rest == "input_layernorm.weight":
+            return f"{prefix}.layers.{index}.self_attention.in_proj.layer_norm_weight"
         if rest in TE_RENAMES:
             return f"{prefix}.layers.{index}.{TE_RENAMES[rest]}"
     return name
@@ -77,15 +80,18 @@ Step = tuple[Mapping, int | None, int | None]
 def _steps(arch: ArchSpec, hf_config: Any) -> Iterator[Step]:
     """(mapping, layer, expert) in conversion order: leading whole-model rows, then layer by
     layer (per-expert rows once per routed expert, ``dense`` / ``moe`` rows only in layers of
-    that kind), the rest."""
+    that kind, ``linear`` / ``attention`` rows only in DeltaNet / full-attention layers), the
+    rest."""
     maps = arch.active_mappings(hf_config)
     first = next((i for i, m in enumerate(maps) if m.per_layer), len(maps))
     for m in maps[:first]:
         yield m, None, None
     dims = ModelDims.from_hf(hf_config)
+    linear = arch.linear_layers(hf_config)
     for layer, moe in enumerate(arch.moe_layers(hf_config)):
+        kinds = ("moe" if moe else "dense", "linear" if linear[layer] else "attention")
         for m in maps:
-            if not m.per_layer or (m.when == "dense" and moe) or (m.when == "moe" and not moe):
+            if not m.per_layer or (m.when in LAYER_CONDITIONS and m.when not in kinds):
                 continue
             for expert in (range(dims.num_experts) if m.per_expert else (None,)):
                 yield m, layer, expert
@@ -104,9 +110,9 @@ def fill_names(template: str, layer: int | None, expert: int | None = None) -> s
 
 
 def _name(m: Mapping, layer: int | None, te: bool, expert: int | None = None,
-          moe_layer: bool = False) -> str:
+          moe_layer: bool = False, linear_layer: bool = False) -> str:
     name = fill_names(m.megatron, layer, expert)
-    return to_te_name(name, moe_layer=moe_layer) if te else name
+    return to_te_name(name, moe_layer=moe_layer, linear_layer=linear_layer) if te else name
 
 
 def _te(te: bool | None) -> bool:
@@ -115,10 +121,11 @@ def _te(te: bool | None) -> bool:
 
 def _named_steps(arch: ArchSpec, hf_config: Any, te: bool
                  ) -> Iterator[tuple[Mapping, int | None, int | None, str]]:
-    moe = arch.moe_layers(hf_config)
+    moe, linear = arch.moe_layers(hf_config), arch.linear_layers(hf_config)
     for m, layer, expert in _steps(arch, hf_config):
         is_moe = layer is not None and bool(moe[layer])
-        yield m, layer, expert, _name(m, layer, te, expert, is_moe)
+        is_linear = layer is not None and bool(linear[layer])
+        yield m, layer, expert, _name(m, layer, te, expert, is_moe, is_linear)
 
 
 def hf_names(arch: ArchSpec, hf_config: Any) -> list[str]:

@@ -14,13 +14,15 @@ from .glm4_moe import GLM4_MOE
 from .qwen2 import QWEN2
 from .qwen2_moe import QWEN2_MOE
 from .qwen3 import QWEN3
+from .qwen3_5 import QWEN3_5, QWEN3_5_VL
 from .qwen3_moe import QWEN3_MOE
 from .spec import ArchSpec
 
 __all__ = ["ARCHITECTURES", "UNSUPPORTED", "get_arch"]
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    a.hf_architecture: a for a in (QWEN2, QWEN3, GLM, GLM4, QWEN2_MOE, QWEN3_MOE, GLM4_MOE)}
+    a.hf_architecture: a for a in (QWEN2, QWEN3, GLM, GLM4, QWEN2_MOE, QWEN3_MOE, GLM4_MOE,
+                                   QWEN3_5, QWEN3_5_VL)}
 
 
 # Architectures that transformers 5.x ships next to the supported ones and that are refused with

@@ -18,6 +18,14 @@ into megatron-core's ``num_moe_experts`` / ``moe_router_*`` / ``moe_layer_freq``
 ``layers.py`` into megatron's own MoE layer spec). Per-expert rows carry a second ``{}`` (the
 expert index) on both sides and are repeated for every expert; rows with ``when="dense"`` /
 ``when="moe"`` apply only to the dense / MoE layers of ``MoESpec.layer_pattern``.
+
+Gated-DeltaNet hybrids (``qwen3_5.py``): ``ArchSpec.linear_attention`` says that the HF
+``layer_types`` list picks, per layer, megatron-core's ``GatedDeltaNet`` (``"linear_attention"``)
+or gated full attention (``"full_attention"``); rows with ``when="linear"`` / ``when="attention"``
+apply only to layers of that kind. The DeltaNet tensors map through :class:`DeltaNetInProj`
+(q, k, v, z, b, a stacked into megatron's ``in_proj``) and renames (``conv1d``, ``A_log``,
+``dt_bias``, the gated output norm ``out_norm``, ``out_proj``); the gated attention's query
+projection through :class:`FusedQKVGate`.
 """
 
 from __future__ import annotations
@@ -27,11 +35,22 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from .transforms import cut_vocab, merge_gated, merge_qkv, pad_vocab, split_gated, split_qkv
+from .transforms import (
+    cut_vocab,
+    merge_gated,
+    merge_qkv,
+    merge_qkv_gate,
+    pad_vocab,
+    split_gated,
+    split_qkv,
+    split_qkv_gate,
+)
 
 __all__ = [
     "ArchSpec",
+    "DeltaNetInProj",
     "FusedQKV",
+    "FusedQKVGate",
     "GatedMLP",
     "LAYER_CONDITIONS",
     "MEGATRON_SHAPES",
@@ -64,6 +83,17 @@ class ModelDims:
     """Intermediate size of one routed expert."""
     shared_expert_size: int = 0
     """Intermediate size of the (fused) shared expert; 0 when there is none."""
+    output_gate: bool = False
+    """Gated attention (``ArchSpec.attention_output_gate``): q_proj holds a sigmoid gate per
+    query head, which megatron's ``linear_qkv`` stores after each group's queries."""
+    linear_key_heads: int = 0
+    """Gated DeltaNet: query/key heads (``linear_num_key_heads``; 0: no DeltaNet layers)."""
+    linear_value_heads: int = 0
+    """Gated DeltaNet: value heads (``linear_num_value_heads``), a multiple of the key heads."""
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
+    """Width of the DeltaNet's causal depthwise convolution over q, k, v."""
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> ModelDims:
@@ -73,6 +103,11 @@ class ModelDims:
         moe_ffn = getattr(hf_config, "moe_intermediate_size", None) or 0
         shared = getattr(hf_config, "shared_expert_intermediate_size", None) or \
             moe_ffn * (getattr(hf_config, "n_shared_experts", None) or 0)
+        from .registry import ARCHITECTURES  # the registry imports this module
+
+        archs = getattr(hf_config, "architectures", None) or [None]
+        arch = ARCHITECTURES.get(archs[0])
+        linear = bool(arch is not None and arch.linear_attention)
         return cls(
             num_layers=hf_config.num_hidden_layers,
             hidden_size=hf_config.hidden_size,
@@ -84,11 +119,40 @@ class ModelDims:
             num_experts=int(experts),
             moe_ffn_hidden_size=int(moe_ffn),
             shared_expert_size=int(shared),
+            output_gate=bool(arch is not None and arch.attention_output_gate),
+            linear_key_heads=int(hf_config.linear_num_key_heads) if linear else 0,
+            linear_value_heads=int(hf_config.linear_num_value_heads) if linear else 0,
+            linear_key_head_dim=int(hf_config.linear_key_head_dim) if linear else 0,
+            linear_value_head_dim=int(hf_config.linear_value_head_dim) if linear else 0,
+            linear_conv_kernel=int(hf_config.linear_conv_kernel_dim) if linear else 0,
         )
 
     @property
     def qkv_rows(self) -> int:
-        return (self.num_attention_heads + 2 * self.num_query_groups) * self.head_dim
+        """Rows of megatron's ``linear_qkv``: queries (and their gates), keys, values."""
+        q_heads = self.num_attention_heads * (2 if self.output_gate else 1)
+        return (q_heads + 2 * self.num_query_groups) * self.head_dim
+
+    @property
+    def linear_qk_dim(self) -> int:
+        """DeltaNet: the width of all query (or all key) heads."""
+        return self.linear_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_v_dim(self) -> int:
+        """DeltaNet: the width of all value (or all output-gate ``z``) heads."""
+        return self.linear_value_heads * self.linear_value_head_dim
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """DeltaNet: the channels of its convolution, q, k and v stacked."""
+        return 2 * self.linear_qk_dim + self.linear_v_dim
+
+    @property
+    def linear_in_proj_rows(self) -> int:
+        """DeltaNet: rows of megatron's ``in_proj``: q, k, v, z, then b and a (one per value
+        head each)."""
+        return self.linear_conv_dim + self.linear_v_dim + 2 * self.linear_value_heads
 
 
 # Megatron parameter shapes (local spec names, TP=1) as functions of (dims, padded vocab).
@@ -122,10 +186,21 @@ MEGATRON_SHAPES: dict[str, Callable[[ModelDims, int], Shape]] = {
     "decoder.layers.{}.mlp.shared_experts.linear_fc2.weight": lambda d, v: (
         d.hidden_size, d.shared_expert_size),
     "decoder.layers.{}.mlp.shared_experts.gate_weight": lambda d, v: (1, d.hidden_size),
+    # Gated DeltaNet (megatron.core.ssm.gated_delta_net.GatedDeltaNet as self_attention)
+    "decoder.layers.{}.self_attention.in_proj.weight": lambda d, v: (
+        d.linear_in_proj_rows, d.hidden_size),
+    "decoder.layers.{}.self_attention.conv1d.weight": lambda d, v: (
+        d.linear_conv_dim, 1, d.linear_conv_kernel),
+    "decoder.layers.{}.self_attention.A_log": lambda d, v: (d.linear_value_heads,),
+    "decoder.layers.{}.self_attention.dt_bias": lambda d, v: (d.linear_value_heads,),
+    "decoder.layers.{}.self_attention.out_norm.weight": lambda d, v: (d.linear_value_head_dim,),
+    "decoder.layers.{}.self_attention.out_proj.weight": lambda d, v: (
+        d.hidden_size, d.linear_v_dim),
 }
 
-# ``when`` conditions decided per layer (the others are per model, see ArchSpec.flags).
-LAYER_CONDITIONS = ("dense", "moe")
+# ``when`` conditions decided per layer (the others are per model, see ArchSpec.flags):
+# dense / MoE MLP, DeltaNet ("linear") / full-attention token mixer.
+LAYER_CONDITIONS = ("dense", "moe", "linear", "attention")
 
 
 @dataclass(frozen=True)
@@ -242,6 +317,58 @@ class GatedMLP(Mapping):
         return split_gated(t)
 
 
+@dataclass(frozen=True)
+class FusedQKVGate(Mapping):
+    """Gated attention's ``linear_qkv`` <- q_proj (each head's queries then its output gate,
+    ``[q_h; gate_h]`` head by head, as Qwen3.5 / Qwen3-Next store it), k_proj, v_proj. Megatron
+    lays it out per query group as ``[q_g; gate_g; k_g; v_g]``."""
+
+    q: str = ""
+    k: str = ""
+    v: str = ""
+    hf_fields: ClassVar[tuple[str, ...]] = ("q", "k", "v")
+
+    def hf_shapes(self, megatron_shape, dims):
+        rest = megatron_shape[1:]
+        kv = (dims.num_query_groups * dims.head_dim, *rest)
+        return ((2 * dims.num_attention_heads * dims.head_dim, *rest), kv, kv)
+
+    def to_megatron(self, hf, dims, padded_vocab):
+        return merge_qkv_gate(*hf, num_query_groups=dims.num_query_groups,
+                              head_dim=dims.head_dim)
+
+    def to_hf(self, t, dims):
+        return split_qkv_gate(t, num_query_groups=dims.num_query_groups,
+                              num_heads=dims.num_attention_heads, head_dim=dims.head_dim)
+
+
+@dataclass(frozen=True)
+class DeltaNetInProj(Mapping):
+    """Gated DeltaNet ``in_proj`` <- the four HF input projections, stacked along the output
+    rows: ``[qkv (q, k, v heads); z; b; a]`` (Qwen3.5's in_proj_qkv, in_proj_z, in_proj_b,
+    in_proj_a). Megatron splits each of the six sections (q, k, v, z, b, a) over tensor-parallel
+    ranks on its own (``GatedDeltaNet.sharded_state_dict``), so the full tensor is a plain
+    concatenation."""
+
+    qkv: str = ""
+    z: str = ""
+    b: str = ""
+    a: str = ""
+    hf_fields: ClassVar[tuple[str, ...]] = ("qkv", "z", "b", "a")
+
+    def hf_shapes(self, megatron_shape, dims):
+        rest = megatron_shape[1:]
+        return ((dims.linear_conv_dim, *rest), (dims.linear_v_dim, *rest),
+                (dims.linear_value_heads, *rest), (dims.linear_value_heads, *rest))
+
+    def to_megatron(self, hf, dims, padded_vocab):
+        return torch.cat(hf, dim=0)
+
+    def to_hf(self, t, dims):
+        sizes = [s[0] for s in self.hf_shapes(tuple(t.shape), dims)]
+        return tuple(p.contiguous() for p in torch.split(t, sizes, dim=0))
+
+
 def _qwen_moe_layers(hf_config: Any) -> list[int]:
     """Qwen2-MoE / Qwen3-MoE: layer i is sparse unless listed in ``mlp_only_layers``, and
     only every ``decoder_sparse_step``-th layer is (as transformers' decoder layer decides)."""
@@ -306,6 +433,23 @@ class ArchSpec:
     """HF config attribute counting decoder layers stored after ``num_hidden_layers`` that the
     Megatron model does not hold (GLM-4.5's ``num_nextn_predict_layers`` MTP layers): the
     converter carries them through in a side file (``convert.py``)."""
+    extra_hf_prefixes: tuple[str, ...] = ()
+    """HF tensor name prefixes the Megatron model does not hold and the converter carries
+    through the same way (Qwen3.5's ``mtp.`` multi-token-prediction head and, in its
+    vision-language checkpoints, the ``model.visual.`` vision tower)."""
+    linear_attention: bool = False
+    """Gated-DeltaNet hybrid: HF ``layer_types`` picks megatron-core's ``GatedDeltaNet``
+    (``"linear_attention"``) or full attention (``"full_attention"``) per layer
+    (``experimental_attention_variant="gated_delta_net"`` with a ``linear_attention_freq`` list)."""
+    attention_output_gate: bool = False
+    """Full attention multiplies its output by a sigmoid gate computed from the input (megatron's
+    ``attention_output_gate``; the gate rows live in HF's q_proj, see :class:`FusedQKVGate`)."""
+    zero_centered_norms: bool = False
+    """RMSNorms scale by ``1 + weight`` (Qwen3.5 / Qwen3-Next; megatron's
+    ``layernorm_zero_centered_gamma``). The DeltaNet's gated output norm is a plain one."""
+    text_config: str | None = None
+    """Vision-language checkpoints: the HF config attribute holding the language model's config
+    (``text_config``); :func:`~eaft_megatron.models.config.language_model_config` reads it."""
 
     def __post_init__(self):
         for m in self.mappings:
@@ -327,6 +471,23 @@ class ArchSpec:
             qk_norm = bool(getattr(hf_config, qk_norm, False))
         return dict(qkv_bias=bool(qkv_bias), qk_layernorm=bool(qk_norm),
                     untied=not getattr(hf_config, "tie_word_embeddings", False))
+
+    def linear_layers(self, hf_config: Any) -> list[int]:
+        """Per layer: 1 for a gated-DeltaNet layer, 0 for full attention (all 0 unless
+        ``linear_attention``). Raises ValueError for a ``layer_types`` entry megatron-core has
+        no layer for."""
+        n = hf_config.num_hidden_layers
+        if not self.linear_attention:
+            return [0] * n
+        kinds = list(getattr(hf_config, "layer_types", None) or [])
+        known = {"linear_attention": 1, "full_attention": 0}
+        if len(kinds) != n or any(k not in known for k in kinds):
+            bad = sorted({k for k in kinds if k not in known})
+            why = f"unknown layer types {bad}" if bad else f"{len(kinds)} entries for {n} layers"
+            raise ValueError(f"{self.hf_architecture}: layer_types cannot be expressed in "
+                             f"megatron-core ({why}; each layer must be 'linear_attention' or "
+                             "'full_attention')")
+        return [known[k] for k in kinds]
 
     def moe_layers(self, hf_config: Any) -> list[int]:
         """Per layer: 1 for a MoE layer, 0 for a dense one (all 0 without ``moe``)."""

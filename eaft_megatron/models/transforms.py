@@ -21,9 +21,11 @@ __all__ = [
     "fill_layer",
     "merge_gated",
     "merge_qkv",
+    "merge_qkv_gate",
     "pad_vocab",
     "split_gated",
     "split_qkv",
+    "split_qkv_gate",
     "tp_shard",
     "tp_unshard",
 ]
@@ -98,6 +100,52 @@ def split_qkv(
         k.reshape(g * d, *rest).contiguous(),
         v.reshape(g * d, *rest).contiguous(),
     )
+
+
+def merge_qkv_gate(
+    q_gate: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_query_groups: int,
+    head_dim: int
+) -> torch.Tensor:
+    """Megatron's fused QKV of gated attention (``attention_output_gate``) from HF's q_proj,
+    which holds each head's queries followed by its output gate (``[q_h; gate_h]``, head by
+    head), and k_proj / v_proj.
+
+    Shapes: q_gate [G*r*2d, *rest], k and v [G*d, *rest] -> [G*(2r+2)*d, *rest], laid out
+    group by group as ``[q_g (r*d rows); gate_g (r*d rows); k_g (d); v_g (d)]``.
+    """
+    g, d = num_query_groups, head_dim
+    rest = _shape(q_gate)[1:]
+    if q_gate.shape[0] % (2 * g * d):
+        raise ValueError(f"q_proj has {q_gate.shape[0]} rows, not a multiple of 2 x "
+                         f"num_query_groups x head_dim = {2 * g * d}")
+    r = q_gate.shape[0] // (2 * g * d)
+    heads = q_gate.reshape(g, r, 2, d, *rest)  # [group, head in group, (q, gate), d]
+    q = heads[:, :, 0].reshape(g * r * d, *rest)
+    gate = heads[:, :, 1].reshape(g, r * d, *rest)
+    qkv = merge_qkv(q, k, v, num_query_groups=g, head_dim=d).reshape(g, (r + 2) * d, *rest)
+    merged = torch.cat([qkv[:, : r * d], gate, qkv[:, r * d:]], dim=1)  # [G, (2r+2)*d, *rest]
+    return merged.reshape(g * (2 * r + 2) * d, *rest)
+
+
+def split_qkv_gate(
+    qkv: torch.Tensor, *, num_query_groups: int, num_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`merge_qkv_gate`: [G*(2r+2)*d, *rest] -> q_proj [G*r*2d] (queries and
+    gate interleaved head by head), k [G*d], v [G*d]."""
+    g, d = num_query_groups, head_dim
+    if num_heads % g:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_query_groups={g}")
+    r = num_heads // g
+    rest = _shape(qkv)[1:]
+    if qkv.shape[0] != g * (2 * r + 2) * d:
+        raise ValueError(
+            f"gated fused qkv has {qkv.shape[0]} rows; expected num_query_groups x (2 x heads "
+            f"per group + 2) x head_dim = {g} x {2 * r + 2} x {d} = {g * (2 * r + 2) * d}")
+    q, gate, k, v = torch.split(qkv.reshape(g, (2 * r + 2) * d, *rest), [r * d, r * d, d, d],
+                                dim=1)
+    q_gate = torch.stack([q.reshape(g, r, d, *rest), gate.reshape(g, r, d, *rest)], dim=2)
+    return (q_gate.reshape(g * r * 2 * d, *rest).contiguous(),
+            k.reshape(g * d, *rest).contiguous(), v.reshape(g * d, *rest).contiguous())
 
 
 # --- gated MLP (SwiGLU) ----------------------------------------------------------------------
