@@ -53,6 +53,9 @@ ARCH_CONFIG_FIELDS = (
     "experimental_attention_variant", "linear_attention_freq", "linear_conv_kernel_dim",
     "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
     "linear_num_value_heads", "attention_output_gate", "layernorm_zero_centered_gamma",
+    # multi-latent attention (attributes of MLATransformerConfig only: None elsewhere)
+    "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+    "qk_pos_emb_head_dim", "v_head_dim",
 )
 
 
@@ -136,6 +139,11 @@ def check_parallel_sizes(hf_config: Any, tp: int, pp: int, ep: int = 1,
         if d.shared_expert_size % tp:
             raise ValueError(f"tensor parallel size {tp} does not divide the shared expert "
                              f"size {d.shared_expert_size}")
+    # multi-latent attention: megatron's local spec splits the down projections' outputs too
+    for what, n in (("q_lora_rank", d.q_lora_rank),
+                    ("kv_lora_rank + qk_rope_head_dim", d.kv_lora_rank + d.qk_rope_head_dim)):
+        if d.kv_lora_rank and n % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide {what}={n}")
     for what, n in (("num_attention_heads", d.num_attention_heads),
                     ("num_key_value_heads (query groups)", d.num_query_groups),
                     ("intermediate_size", d.ffn_hidden_size)):
@@ -185,6 +193,10 @@ def _check_supported(hf_config: Any, arch: ArchSpec) -> None:
                 f"{arch.hf_architecture}: {attr}={getattr(hf_config, attr)!r} is not supported: "
                 f"{why}"
             )
+    if arch.mla and not getattr(hf_config, "rope_interleave", True):
+        raise ValueError(f"{arch.hf_architecture}: rope_interleave=False is not supported "
+                         "(megatron-core's multi-latent attention always rotates interleaved "
+                         "pairs)")
     if arch.moe is not None:
         moe_config_from_hf(hf_config, arch)  # raises on router settings megatron lacks
 
@@ -341,10 +353,32 @@ def transformer_config_from_hf(hf_config: Any, **overrides: Any):
     )
     kwargs.update(moe_config_from_hf(hf_config, arch))
     kwargs.update(linear_attention_config_from_hf(hf_config, arch))
+    config_class = TransformerConfig
+    if arch.mla:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        config_class = MLATransformerConfig
+        kwargs.update(_mla_config(hf_config, arch, d))
     kwargs.update(overrides)
     if pp > 1 and "pipeline_dtype" not in overrides:
         kwargs["pipeline_dtype"] = kwargs.get("params_dtype", torch.float32)
-    return TransformerConfig(**kwargs)
+    return config_class(**kwargs)
+
+
+def _mla_config(hf_config: Any, arch: ArchSpec, d: ModelDims) -> dict[str, Any]:
+    """``MLATransformerConfig`` fields of a multi-latent attention config.
+
+    The latent norms (``q_a_layernorm``, ``kv_a_layernorm``) are megatron's q/kv layernorms
+    (``qk_layernorm``); ``kv_channels`` is the value head size (what megatron's local core
+    attention reshapes its output by). Plain rotary over ``qk_rope_head_dim`` with the HF
+    ``rope_theta``; megatron's softmax scale is then ``1 / sqrt(qk_nope + qk_rope)`` as HF's.
+    """
+    theta, _ = rope_from_hf(hf_config, arch)
+    return dict(multi_latent_attention=True, q_lora_rank=d.q_lora_rank or None,
+                kv_lora_rank=d.kv_lora_rank, qk_head_dim=d.qk_nope_head_dim,
+                qk_pos_emb_head_dim=d.qk_rope_head_dim, v_head_dim=d.v_head_dim,
+                kv_channels=d.v_head_dim, qk_layernorm=True, rope_type="rope",
+                rotary_base=theta, rotary_percent=1.0, rotary_scaling_factor=1.0)
 
 
 def check_config_matches(hf_config: Any, config: Any) -> None:
@@ -352,9 +386,9 @@ def check_config_matches(hf_config: Any, config: Any) -> None:
     arguments) disagrees with the HF config on any architecture field."""
     expected = transformer_config_from_hf(hf_config, transformer_impl="local")
     wrong = [
-        f"{f}={getattr(config, f, None)!r} (HF config: {getattr(expected, f)!r})"
+        f"{f}={getattr(config, f, None)!r} (HF config: {getattr(expected, f, None)!r})"
         for f in ARCH_CONFIG_FIELDS
-        if getattr(config, f, None) != getattr(expected, f)
+        if getattr(config, f, None) != getattr(expected, f, None)
     ]
     if getattr(config, "activation_func", None) is not F.silu:
         wrong.append(f"activation_func={getattr(config, 'activation_func', None)!r} (HF: silu)")

@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import (
@@ -25,8 +26,8 @@ from megatron.core.transformer.transformer_layer import (
 
 from .spec import ArchSpec
 
-__all__ = ["SandwichNormLayerSubmodules", "SandwichNormTransformerLayer", "block_spec",
-           "layer_spec"]
+__all__ = ["LatentAttentionCore", "SandwichNormLayerSubmodules", "SandwichNormTransformerLayer",
+           "block_spec", "layer_spec"]
 
 
 @dataclasses.dataclass
@@ -87,12 +88,80 @@ class SandwichNormTransformerLayer(TransformerLayer):
         return _norm_then(self._inner_mlp_bda(training, fused), self.post_mlp_layernorm)
 
 
+class LatentAttentionCore(DotProductAttention):
+    """Megatron's local core attention for multi-latent attention.
+
+    megatron-core 0.19's ``MLASelfAttention`` builds its core attention with ``k_channels`` /
+    ``v_channels`` (query/key and value heads differ in size), which only TransformerEngine's
+    core attention accepts: with megatron's own local spec it fails with ``TypeError:
+    DotProductAttention.__init__() got an unexpected keyword argument 'k_channels'``. The local
+    one takes the query/key head size from the tensors, reshapes the context by
+    ``kv_channels`` (the config sets it to the value head size) and gets MLA's softmax scale
+    passed in; so the two sizes are checked here and not passed on.
+    """
+
+    def __init__(self, config, *args, k_channels=None, v_channels=None, **kwargs):
+        if v_channels is not None and v_channels != config.kv_channels:
+            raise ValueError(f"kv_channels={config.kv_channels} must be the value head size "
+                             f"{v_channels} for multi-latent attention's local core")
+        super().__init__(config, *args, **kwargs)
+
+
+# The local multi-latent attention spec saves its norms under the names TransformerEngine's
+# spec gives them (latent norms fused into the up projections, the dense pre-MLP norm into
+# linear_fc1), as megatron's own local spec does for the other attention.
+_MLA_LOCAL_KEYS_MAP = {
+    "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+    "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
+}
+
+
+def _mla_submodules(*, te: bool, moe: dict, q_lora: bool):
+    """Megatron's MLA layer submodules; locally with :class:`LatentAttentionCore`, the
+    q/kv latent norms at HF's eps (1e-6, see ``glm4_moe_lite.py``) and TE checkpoint names."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_submodules,
+        get_gpt_layer_with_transformer_engine_submodules,
+    )
+
+    if te:
+        return get_gpt_layer_with_transformer_engine_submodules(
+            qk_layernorm=True, multi_latent_attention=True, **moe)
+    sub = get_gpt_layer_local_submodules(qk_layernorm=True, multi_latent_attention=True,
+                                         normalization="RMSNorm", **moe)
+    attn = sub.self_attention.submodules
+    attn.core_attention = LatentAttentionCore
+    # without a query latent there is no query norm (megatron rejects one)
+    attn.q_layernorm = _fixed_eps(attn.q_layernorm, LATENT_NORM_EPS) if q_lora else IdentityOp
+    attn.kv_layernorm = _fixed_eps(attn.kv_layernorm, LATENT_NORM_EPS)
+    keys = dict(_MLA_LOCAL_KEYS_MAP)
+    if not moe:
+        keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    sub.sharded_state_dict_keys_map = keys
+    return sub
+
+
+LATENT_NORM_EPS = 1e-6
+"""HF's q_a_layernorm / kv_a_layernorm use the RMSNorm default eps, not ``rms_norm_eps``."""
+
+
+def _fixed_eps(norm: Any, eps: float) -> Callable:
+    """A norm builder that ignores the config's eps (megatron passes ``layernorm_epsilon``)."""
+
+    def build(*args, **kwargs):
+        kwargs["eps"] = eps
+        return norm(*args, **kwargs)
+
+    return build
+
+
 def layer_spec(arch: ArchSpec, *, te: bool, num_experts: int | None = None,
-               qk_layernorm: bool | None = None) -> ModuleSpec:
+               qk_layernorm: bool | None = None, q_lora: bool = True) -> ModuleSpec:
     """The transformer layer spec for ``arch``: TransformerEngine modules if ``te`` (input and
     pre-MLP norms fused into ``linear_qkv`` / ``linear_fc1``), else megatron's local modules.
     ``num_experts``: megatron's own MoE layer (router, ``SequentialMLP`` experts, shared
-    experts when the config asks for them) instead of the dense MLP."""
+    experts when the config asks for them) instead of the dense MLP. Multi-latent attention
+    (``arch.mla``): megatron's MLA layer, with a query latent unless ``q_lora`` is False."""
     moe = dict(num_experts=num_experts, moe_grouped_gemm=False) if num_experts else {}
     if qk_layernorm is None:  # a constant of the architecture (per config: pass it)
         if isinstance(arch.qk_layernorm, str):
@@ -111,15 +180,21 @@ def layer_spec(arch: ArchSpec, *, te: bool, num_experts: int | None = None,
             get_gpt_layer_with_transformer_engine_submodules,
         )
 
-        sub = get_gpt_layer_with_transformer_engine_submodules(qk_layernorm=qk_layernorm,
-                                                               **moe)
+        if arch.mla:
+            sub = _mla_submodules(te=True, moe=moe, q_lora=q_lora)
+        else:
+            sub = get_gpt_layer_with_transformer_engine_submodules(qk_layernorm=qk_layernorm,
+                                                                   **moe)
         norm = TESpecProvider().layer_norm(rms_norm=True)
     else:
         from megatron.core.models.backends import LocalSpecProvider
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
 
-        sub = get_gpt_layer_local_submodules(qk_layernorm=qk_layernorm,
-                                             normalization="RMSNorm", **moe)
+        if arch.mla:
+            sub = _mla_submodules(te=False, moe=moe, q_lora=q_lora)
+        else:
+            sub = get_gpt_layer_local_submodules(qk_layernorm=qk_layernorm,
+                                                 normalization="RMSNorm", **moe)
         norm = LocalSpecProvider().layer_norm(rms_norm=True)
     if not arch.sandwich_norms:
         return ModuleSpec(module=TransformerLayer, submodules=sub)
@@ -144,16 +219,18 @@ def block_spec(arch: ArchSpec, config: Any, *, te: bool, vp_stage: int | None = 
 
         return hybrid_block_spec(config, te=te, vp_stage=vp_stage, pp_rank=pp_rank)
     qk = bool(config.qk_layernorm)
+    q_lora = getattr(config, "q_lora_rank", None) is not None
     if arch.moe is None or not config.num_moe_experts:
-        return layer_spec(arch, te=te, qk_layernorm=qk)
+        return layer_spec(arch, te=te, qk_layernorm=qk, q_lora=q_lora)
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    dense = layer_spec(arch, te=te, qk_layernorm=qk)
-    moe = layer_spec(arch, te=te, num_experts=config.num_moe_experts, qk_layernorm=qk)
+    dense = layer_spec(arch, te=te, qk_layernorm=qk, q_lora=q_lora)
+    moe = layer_spec(arch, te=te, num_experts=config.num_moe_experts, qk_layernorm=qk,
+                     q_lora=q_lora)
     pattern = config.moe_layer_freq
     if isinstance(pattern, int):
         pattern = [int(i % pattern == 0) for i in range(config.num_layers)]

@@ -11,6 +11,7 @@ from typing import Any
 from .glm import GLM
 from .glm4 import GLM4
 from .glm4_moe import GLM4_MOE
+from .glm4_moe_lite import GLM4_MOE_LITE
 from .qwen2 import QWEN2
 from .qwen2_moe import QWEN2_MOE
 from .qwen3 import QWEN3
@@ -22,6 +23,7 @@ __all__ = ["ARCHITECTURES", "UNSUPPORTED", "get_arch"]
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     a.hf_architecture: a for a in (QWEN2, QWEN3, GLM, GLM4, QWEN2_MOE, QWEN3_MOE, GLM4_MOE,
+                                   GLM4_MOE_LITE,
                                    QWEN3_5, QWEN3_5_VL)}
 
 

@@ -83,6 +83,18 @@ class ModelDims:
     """Intermediate size of one routed expert."""
     shared_expert_size: int = 0
     """Intermediate size of the (fused) shared expert; 0 when there is none."""
+    # Multi-latent attention (GLM-4.7-Flash); all 0 for other attention.
+    q_lora_rank: int = 0
+    """Rank of the query down-projection (0: one ``q_proj``, no low-rank query)."""
+    kv_lora_rank: int = 0
+    """Rank of the compressed key/value latent (0: not multi-latent attention)."""
+    qk_nope_head_dim: int = 0
+    """Per-head query/key size without rotary (megatron ``qk_head_dim``)."""
+    qk_rope_head_dim: int = 0
+    """Per-head rotary query/key size; one rotary key is shared by all heads
+    (megatron ``qk_pos_emb_head_dim``)."""
+    v_head_dim: int = 0
+    """Per-head value size."""
     output_gate: bool = False
     """Gated attention (``ArchSpec.attention_output_gate``): q_proj holds a sigmoid gate per
     query head, which megatron's ``linear_qkv`` stores after each group's queries."""
@@ -119,6 +131,7 @@ class ModelDims:
             num_experts=int(experts),
             moe_ffn_hidden_size=int(moe_ffn),
             shared_expert_size=int(shared),
+            **_mla_dims(hf_config),
             output_gate=bool(arch is not None and arch.attention_output_gate),
             linear_key_heads=int(hf_config.linear_num_key_heads) if linear else 0,
             linear_value_heads=int(hf_config.linear_num_value_heads) if linear else 0,
@@ -126,6 +139,16 @@ class ModelDims:
             linear_value_head_dim=int(hf_config.linear_value_head_dim) if linear else 0,
             linear_conv_kernel=int(hf_config.linear_conv_kernel_dim) if linear else 0,
         )
+
+    @property
+    def attention_out(self) -> int:
+        """Input size of ``linear_proj``: heads x value head size."""
+        return self.num_attention_heads * (self.v_head_dim or self.head_dim)
+
+    @property
+    def q_head_rows(self) -> int:
+        """Multi-latent attention: query rows, per head ``[nope; rope]``."""
+        return self.num_attention_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim)
 
     @property
     def qkv_rows(self) -> int:
@@ -155,6 +178,17 @@ class ModelDims:
         return self.linear_conv_dim + self.linear_v_dim + 2 * self.linear_value_heads
 
 
+def _mla_dims(hf_config: Any) -> dict[str, int]:
+    """The multi-latent attention sizes of a HF config ({} without ``kv_lora_rank``)."""
+    if not getattr(hf_config, "kv_lora_rank", None):
+        return {}
+    return dict(q_lora_rank=int(getattr(hf_config, "q_lora_rank", None) or 0),
+                kv_lora_rank=int(hf_config.kv_lora_rank),
+                qk_nope_head_dim=int(hf_config.qk_nope_head_dim),
+                qk_rope_head_dim=int(hf_config.qk_rope_head_dim),
+                v_head_dim=int(hf_config.v_head_dim))
+
+
 # Megatron parameter shapes (local spec names, TP=1) as functions of (dims, padded vocab).
 MEGATRON_SHAPES: dict[str, Callable[[ModelDims, int], Shape]] = {
     "embedding.word_embeddings.weight": lambda d, v: (v, d.hidden_size),
@@ -164,10 +198,25 @@ MEGATRON_SHAPES: dict[str, Callable[[ModelDims, int], Shape]] = {
     "decoder.layers.{}.self_attention.linear_qkv.weight": lambda d, v: (
         d.qkv_rows, d.hidden_size),
     "decoder.layers.{}.self_attention.linear_qkv.bias": lambda d, v: (d.qkv_rows,),
-    "decoder.layers.{}.self_attention.q_layernorm.weight": lambda d, v: (d.head_dim,),
+    # q_layernorm: per head (Qwen3's q_norm), or over the query latent of multi-latent
+    # attention (q_a_layernorm)
+    "decoder.layers.{}.self_attention.q_layernorm.weight": lambda d, v: (
+        d.q_lora_rank or d.head_dim,),
     "decoder.layers.{}.self_attention.k_layernorm.weight": lambda d, v: (d.head_dim,),
     "decoder.layers.{}.self_attention.linear_proj.weight": lambda d, v: (
-        d.hidden_size, d.num_attention_heads * d.head_dim),
+        d.hidden_size, d.attention_out),
+    # Multi-latent attention (megatron's MLASelfAttention)
+    "decoder.layers.{}.self_attention.linear_q_proj.weight": lambda d, v: (
+        d.q_head_rows, d.hidden_size),
+    "decoder.layers.{}.self_attention.linear_q_down_proj.weight": lambda d, v: (
+        d.q_lora_rank, d.hidden_size),
+    "decoder.layers.{}.self_attention.linear_q_up_proj.weight": lambda d, v: (
+        d.q_head_rows, d.q_lora_rank),
+    "decoder.layers.{}.self_attention.linear_kv_down_proj.weight": lambda d, v: (
+        d.kv_lora_rank + d.qk_rope_head_dim, d.hidden_size),
+    "decoder.layers.{}.self_attention.linear_kv_up_proj.weight": lambda d, v: (
+        d.num_attention_heads * (d.qk_nope_head_dim + d.v_head_dim), d.kv_lora_rank),
+    "decoder.layers.{}.self_attention.kv_layernorm.weight": lambda d, v: (d.kv_lora_rank,),
     "decoder.layers.{}.post_self_attn_layernorm.weight": lambda d, v: (d.hidden_size,),
     "decoder.layers.{}.pre_mlp_layernorm.weight": lambda d, v: (d.hidden_size,),
     "decoder.layers.{}.mlp.linear_fc1.weight": lambda d, v: (
@@ -429,6 +478,10 @@ class ArchSpec:
     """(HF config attribute, reason): a truthy value is rejected with the reason."""
     moe: MoESpec | None = None
     """Mixture-of-experts settings; None for dense architectures."""
+    mla: bool = False
+    """Multi-latent attention (megatron's ``MLASelfAttention`` and ``MLATransformerConfig``):
+    a low-rank query (rows ``when="q_lora"``) or one ``q_proj`` (``when="no_q_lora"``), a
+    compressed key/value latent, one rotary key shared by all heads."""
     extra_hf_layers: str | None = None
     """HF config attribute counting decoder layers stored after ``num_hidden_layers`` that the
     Megatron model does not hold (GLM-4.5's ``num_nextn_predict_layers`` MTP layers): the
@@ -458,7 +511,8 @@ class ArchSpec:
                     f"{self.hf_architecture}: no shape rule for Megatron name {m.megatron!r}; "
                     "add it to spec.MEGATRON_SHAPES"
                 )
-            if m.when not in (None, "qkv_bias", "qk_layernorm", "untied", *LAYER_CONDITIONS):
+            if m.when not in (None, "qkv_bias", "qk_layernorm", "untied", "q_lora", "no_q_lora",
+                              *LAYER_CONDITIONS):
                 raise ValueError(f"{self.hf_architecture}: unknown mapping condition {m.when!r}")
 
     def flags(self, hf_config: Any) -> dict[str, bool]:
@@ -469,8 +523,10 @@ class ArchSpec:
         qk_norm = self.qk_layernorm
         if isinstance(qk_norm, str):
             qk_norm = bool(getattr(hf_config, qk_norm, False))
+        q_lora = bool(getattr(hf_config, "q_lora_rank", None))
         return dict(qkv_bias=bool(qkv_bias), qk_layernorm=bool(qk_norm),
-                    untied=not getattr(hf_config, "tie_word_embeddings", False))
+                    untied=not getattr(hf_config, "tie_word_embeddings", False),
+                    q_lora=q_lora, no_q_lora=not q_lora)
 
     def linear_layers(self, hf_config: Any) -> list[int]:
         """Per layer: 1 for a gated-DeltaNet layer, 0 for full attention (all 0 unless

@@ -143,7 +143,8 @@ def test_errors():
     config = CASES["qwen2"]()
     config.architectures = ["LlamaForCausalLM"]
     with pytest.raises(ValueError, match="unsupported architecture 'LlamaForCausalLM'.*"
-                       "Glm4ForCausalLM, Glm4MoeForCausalLM, GlmForCausalLM, Qwen2ForCausalLM, "
+                       "Glm4ForCausalLM, Glm4MoeForCausalLM, Glm4MoeLiteForCausalLM, "
+                       "GlmForCausalLM, Qwen2ForCausalLM, "
                        "Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"):
         get_arch(config)
     assert {"Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"} <= set(ARCHITECTURES)
