@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .io import ConversionError
+from .errors import CheckpointError, UnsafeCheckpointError
+from .layout import METADATA_FILE
 
-METADATA_FILE = ".metadata"
+__all__ = ["checkpoint_tensor_shapes", "parse_checkpoint_metadata", "read_checkpoint_metadata",
+           "validate_checkpoint_metadata"]
 
 _ALLOWED: dict[str, set[str]] = {
     "torch.distributed.checkpoint.metadata": {
@@ -44,10 +46,6 @@ _ALLOWED: dict[str, set[str]] = {
 }
 
 
-class UnsafeMetadataError(ConversionError):
-    """The metadata pickle refers to something outside the allow-list."""
-
-
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, path: Path):
         super().__init__(file)
@@ -57,20 +55,20 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if name in _ALLOWED.get(module, ()) or (
                 module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
-        raise UnsafeMetadataError(
+        raise UnsafeCheckpointError(
             f"{self.path} refers to {module}.{name}, which a torch_dist checkpoint's metadata "
             f"never contains: refused (unpickling it could run code)")
 
 
 def read_checkpoint_metadata(iteration_dir: str | os.PathLike):
     """The ``torch.distributed.checkpoint.metadata.Metadata`` of a torch_dist directory, read
-    with the allow-list. Raises :class:`ConversionError` naming the file when it is missing,
-    truncated or corrupt, or :class:`UnsafeMetadataError` when it refers to anything else."""
+    with the allow-list. Raises :class:`CheckpointError` naming the file when it is missing,
+    truncated or corrupt, or :class:`UnsafeCheckpointError` when it refers to anything else."""
     path = Path(iteration_dir) / METADATA_FILE
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise ConversionError(f"cannot read {path}: {e.strerror or e}") from e
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
     return parse_checkpoint_metadata(data, path)
 
 
@@ -81,12 +79,12 @@ def parse_checkpoint_metadata(data: bytes, path: str | os.PathLike):
 
     try:
         meta = _RestrictedUnpickler(io.BytesIO(data), path).load()
-    except UnsafeMetadataError:
+    except UnsafeCheckpointError:
         raise
     except Exception as e:  # UnpicklingError, EOFError, and whatever a malformed stream raises
-        raise ConversionError(f"{path} is truncated or corrupt ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e})") from e
     if not isinstance(meta, Metadata) or not isinstance(meta.state_dict_metadata, dict):
-        raise ConversionError(f"{path} does not hold torch_dist checkpoint metadata "
+        raise CheckpointError(f"{path} does not hold torch_dist checkpoint metadata "
                               f"(found {type(meta).__name__})")
     return meta
 
@@ -94,30 +92,30 @@ def parse_checkpoint_metadata(data: bytes, path: str | os.PathLike):
 def validate_checkpoint_metadata(iteration_dir: str | os.PathLike):
     """Read ``.metadata`` safely (:func:`read_checkpoint_metadata`) and check the data files it
     names: each a plain file name in ``iteration_dir``, present, and long enough for every
-    entry stored in it. Returns the metadata; raises :class:`ConversionError` naming the file."""
+    entry stored in it. Returns the metadata; raises :class:`CheckpointError` naming the file."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
     iteration_dir = Path(iteration_dir)
     meta = read_checkpoint_metadata(iteration_dir)
     path = iteration_dir / METADATA_FILE
     if not isinstance(meta.storage_data, dict):
-        raise ConversionError(f"{path} has no storage index (not a file-system checkpoint)")
+        raise CheckpointError(f"{path} has no storage index (not a file-system checkpoint)")
     needed: dict[str, int] = {}
     for info in meta.storage_data.values():
         if not isinstance(info, _StorageInfo):
-            raise ConversionError(f"{path}: unexpected storage entry {type(info).__name__}")
+            raise CheckpointError(f"{path}: unexpected storage entry {type(info).__name__}")
         name = info.relative_path
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-            raise ConversionError(f"{path} refers to data file {name!r} outside the checkpoint "
+            raise CheckpointError(f"{path} refers to data file {name!r} outside the checkpoint "
                                   f"directory: refused")
         needed[name] = max(needed.get(name, 0), int(info.offset) + int(info.length))
     for name, end in sorted(needed.items()):
         data_file = iteration_dir / name
         if not data_file.is_file():
-            raise ConversionError(f"{data_file} is missing (listed in {path}): the checkpoint "
+            raise CheckpointError(f"{data_file} is missing (listed in {path}): the checkpoint "
                                   f"is incomplete")
         if (size := data_file.stat().st_size) < end:
-            raise ConversionError(f"{data_file} is truncated: {size} bytes, {path} needs {end}")
+            raise CheckpointError(f"{data_file} is truncated: {size} bytes, {path} needs {end}")
     return meta
 
 

@@ -21,7 +21,7 @@ Two layers; the trainer uses both unless ``--eaft-trust-checkpoint``:
    refused, naming the file, the entry and the global.
 2. :func:`safe_checkpoint_loading` (a context, around ``pretrain``): the three readers above
    replaced by ones that check the same and then unpickle with torch's weights-only unpickler
-   (``.metadata`` with :mod:`eaft_megatron.convert.safe_metadata`'s allow-list). It covers a
+   (``.metadata`` with :mod:`.metadata`'s allow-list). It covers a
    file changed after the check and anything megatron reads on its own.
 
 Allow-list, enumerated from every byte entry of trainer checkpoints (fp32, bf16 with the
@@ -48,7 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..convert.io import ConversionError
+from .errors import CheckpointError, UnsafeCheckpointError
 
 __all__ = ["UnsafeCheckpointError", "check_checkpoint_entries", "load_checked", "refusal",
            "safe_checkpoint_loading"]
@@ -61,10 +61,6 @@ _ALLOWED = frozenset({
     "numpy.ndarray", "numpy.dtype",
     "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",  # numpy 2 / 1
 })
-
-
-class UnsafeCheckpointError(ConversionError):
-    """A pickled checkpoint entry refers to something outside the allow-list."""
 
 
 def _allowed_object(name: str) -> Any | None:
@@ -220,14 +216,14 @@ def _wrap_read_metadata(original):
     def read_metadata(self, *args: Any, **kwargs: Any):
         from torch.distributed.checkpoint.metadata import StorageMeta
 
-        from ..convert.safe_metadata import parse_checkpoint_metadata
+        from .metadata import parse_checkpoint_metadata
 
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as f:
             data = f.read()
         try:
             metadata = parse_checkpoint_metadata(data, path)
-        except ConversionError as e:
+        except CheckpointError as e:
             _refused.append(str(e))
             raise
         if getattr(metadata, "storage_meta", None) is None:
@@ -260,7 +256,7 @@ def safe_checkpoint_loading(enabled: bool = True) -> Iterator[None]:
     from megatron.core.dist_checkpointing.strategies.torch import MCoreLoadPlanner
     from torch.distributed.checkpoint import default_planner, filesystem
 
-    from ..train.patching import patch, unpatch
+    from ..compat.patching import patch, unpatch
 
     saved: list = []
     try:
@@ -271,7 +267,7 @@ def safe_checkpoint_loading(enabled: bool = True) -> Iterator[None]:
         patch(common, "load_common", _wrap_load_common, saved)
         if MCoreLoadPlanner.load_bytes is not default_planner.DefaultLoadPlanner.load_bytes:
             raise ImportError("megatron-core's MCoreLoadPlanner has its own load_bytes: "
-                              "eaft_megatron.compat.safe_load does not cover it")
+                              "eaft_megatron.checkpoint.safe_load does not cover it")
         yield
     finally:
         unpatch(saved)

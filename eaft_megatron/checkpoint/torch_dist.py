@@ -1,6 +1,6 @@
 """Megatron-Core distributed checkpoints (torch_dist) of a model, as Megatron-LM lays them out.
 
-    <root>/latest_checkpointed_iteration.txt     "0" (or "release")
+    <root>/latest_checkpointed_iteration.txt     "0" (or "release")     (:mod:`.layout`)
     <root>/iter_0000000/                           dist_checkpointing.save(...) output
 
 The state written is the one ``megatron.training`` writes (``model`` = the model's sharded
@@ -9,7 +9,7 @@ state dict, ``iteration``, ``checkpoint_version``, ``args`` with the parallel si
 any TP/PP that divides the model.
 
 Reading is restricted to what a model needs and what cannot run code: ``.metadata`` goes
-through :mod:`.safe_metadata` (an allow-listed unpickler) before megatron-core sees the
+through :mod:`.metadata` (an allow-listed unpickler) before megatron-core sees the
 directory, and only tensors are requested from megatron-core's torch_dist strategy (no common
 state, no ``_extra_state`` objects: torch's loader unpickles those byte entries with
 ``weights_only=False``). Tensor data itself is read with ``weights_only=True``.
@@ -19,50 +19,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from .io import ConversionError
-from .safe_metadata import checkpoint_tensor_shapes, validate_checkpoint_metadata
+from .errors import CheckpointError
+from .layout import iteration_dir_name, write_tracker
+from .metadata import validate_checkpoint_metadata
 
-__all__ = ["checkpoint_tensor_shapes", "find_iteration_dir", "load_model_weights",
-           "megatron_process_group", "save_model_checkpoint", "validate_checkpoint_metadata"]
+__all__ = ["load_model_weights", "megatron_process_group", "save_model_checkpoint"]
 
-TRACKER = "latest_checkpointed_iteration.txt"
 _VOCAB_TENSORS = ("embedding.", "output_layer.")
-
-
-def iteration_dir_name(iteration: int | str) -> str:
-    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-
-
-def find_iteration_dir(root: str | os.PathLike, iteration: int | None = None) -> Path:
-    """The ``iter_XXXXXXX`` (or ``release``) directory of a checkpoint root."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ConversionError(f"Megatron checkpoint directory {root} does not exist")
-    if iteration is None:
-        tracker = root / TRACKER
-        if not tracker.is_file():
-            if (root / ".metadata").is_file():  # pointed at an iteration directory itself
-                return root
-            raise ConversionError(
-                f"{root} is not a Megatron checkpoint: no {TRACKER} (and no .metadata)"
-            )
-        text = tracker.read_text().strip()
-        if text != "release" and not text.isdigit():
-            raise ConversionError(f"corrupt {tracker}: {text!r} is not an iteration number")
-        name = iteration_dir_name(text if text == "release" else int(text))
-    else:
-        name = iteration_dir_name(iteration)
-    path = root / name
-    if not (path / ".metadata").is_file():
-        raise ConversionError(f"checkpoint iteration directory {path} is missing or incomplete "
-                              f"(no .metadata)")
-    return path
 
 
 @contextlib.contextmanager
@@ -193,9 +161,7 @@ def save_model_checkpoint(
         _reraise_interrupt(e)
         raise
     if dist.get_rank() == 0:
-        tmp = root / (TRACKER + ".tmp")
-        tmp.write_text(str(iteration))
-        os.replace(tmp, root / TRACKER)
+        write_tracker(root, iteration)
     dist.barrier()
     return path
 
@@ -227,11 +193,11 @@ def _check_requested_tensors(sharded, meta, iteration_dir: Path) -> None:
         elif tuple(t.global_shape) != stored[t.key]:
             wrong[t.key] = (stored[t.key], tuple(t.global_shape))
     if missing:
-        raise ConversionError(f"checkpoint {iteration_dir} lacks {len(missing)} tensor(s) the "
+        raise CheckpointError(f"checkpoint {iteration_dir} lacks {len(missing)} tensor(s) the "
                               f"model needs: {sorted(missing)[:8]}")
     if wrong:
         key, (have, want) = sorted(wrong.items())[0]
-        raise ConversionError(f"checkpoint {iteration_dir}: tensor {key!r} has shape {have}, "
+        raise CheckpointError(f"checkpoint {iteration_dir}: tensor {key!r} has shape {have}, "
                               f"the model expects {want}"
                               + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
 
@@ -265,7 +231,7 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> No
             loaded[name].update(later[name])
     except (Exception, CheckpointException) as e:  # (CheckpointException is a BaseException)
         _reraise_interrupt(e)
-        raise ConversionError(f"cannot load model weights from {iteration_dir}: "
+        raise CheckpointError(f"cannot load model weights from {iteration_dir}: "
                               f"{_first_line(e)}") from e
     for i, m in enumerate(models):
         sd = loaded["model"] if len(models) == 1 else loaded[f"model{i}"]
@@ -277,7 +243,7 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> No
         missing, unexpected = m.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state") and k not in in_place]
         if missing:
-            raise ConversionError(f"checkpoint {iteration_dir} lacks parameters: {missing[:10]}")
+            raise CheckpointError(f"checkpoint {iteration_dir} lacks parameters: {missing[:10]}")
 
 
 def _failures(e: BaseException) -> list[BaseException]:

@@ -1,6 +1,7 @@
-"""Compatibility layers: running megatron-core on CPU (tests, the demo) in :mod:`.cpu`, child
-processes that never outlive their parent in :mod:`.processes`, checkpoint loading that never
-unpickles freely in :mod:`.safe_load`.
+"""Compatibility layers, the bottom floor of the package (imports nothing of eaft_megatron but
+:mod:`eaft_megatron.paths`): the one patcher (:mod:`.patching`), running megatron-core on CPU
+(tests, the demo) and the trainer's CPU set-up in :mod:`.cpu`, child processes that never
+outlive their parent in :mod:`.processes`, megatron-core optimizer fixes in :mod:`.optimizer`.
 
 The :mod:`.cpu` names are imported lazily, so that ``compat.processes`` stays free of torch
 (preprocessing workers use it)."""
@@ -14,6 +15,8 @@ _CPU = (
     "cpu_compat_installed",
     "cpu_transformer_config_kwargs",
     "install_cpu_compat",
+    "setup_cpu_training",
+    "skip_helper_build",
     "uninstall_cpu_compat",
 )
 

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .patching import patch, replace, unpatch
+
 __all__ = [
     "CPU_DEVICE_ARCH_VERSION",
     "CPU_PRETRAIN_FLAGS",
@@ -37,6 +39,8 @@ __all__ = [
     "cpu_compat_installed",
     "cpu_transformer_config_kwargs",
     "install_cpu_compat",
+    "setup_cpu_training",
+    "skip_helper_build",
     "uninstall_cpu_compat",
 ]
 
@@ -65,6 +69,8 @@ _RNG_FORK_WARNING = "CPU RNG state changed within GPU RNG context"
 
 # (owner, attribute name, original value) for every attribute we replaced, in patch order.
 _saved: list[tuple[Any, str, Any]] = []
+# The trainer's set-up (setup_cpu_training, skip_helper_build), also undone by uninstall.
+_training_saved: list[tuple[Any, str, Any]] = []
 _mode: TorchFunctionMode | None = None
 _log_filter: logging.Filter | None = None
 
@@ -173,14 +179,11 @@ class _DropRngForkWarning(logging.Filter):
 
 
 def _patch(owner: Any, name: str, new: Any) -> None:
-    if not hasattr(owner, name):
-        raise ImportError(f"cpu compat expected {getattr(owner, '__name__', owner)}.{name}")
-    original = getattr(owner, name)
-    if callable(new) and callable(original):
-        new.__wrapped__ = original
-        new._eaft_cpu_compat = True
-    _saved.append((owner, name, original))
-    setattr(owner, name, new)
+    """One CPU patch, through the project's patcher (:mod:`.patching`), undone by uninstall."""
+    if callable(new):
+        with contextlib.suppress(AttributeError, TypeError):
+            new._eaft_cpu_compat = True
+    replace(owner, name, new, _saved)
 
 
 def _seed_cpu(seed: int) -> None:
@@ -238,8 +241,6 @@ def install_cpu_compat() -> bool:
     if _saved:
         return True
     import megatron.core.datasets.utils as datasets_utils
-    import megatron.core.ssm.gated_delta_net.common as gdn_common
-    import megatron.core.ssm.gated_delta_net.gdn as gdn
     import megatron.core.tensor_parallel.random as mcore_random
     import megatron.core.transformer.moe.moe_utils as moe_utils
     import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
@@ -269,24 +270,6 @@ def install_cpu_compat() -> bool:
         # arrays (only CUDA tensors are moved); here they already are on the host.
         for owner in (moe_utils, token_dispatcher):
             _patch(owner, "maybe_move_tensor_to_cpu", _move_to_host)
-        # The gated DeltaNet (megatron.core.ssm.gated_delta_net) refuses to build without fla
-        # (flash-linear-attention: Triton, CUDA only) and calls its causal_conv1d, l2norm and
-        # chunk_gated_delta_rule (gdn.py imported two by name, common.py holds l2norm).
-        # compat/deltanet.py computes the same in plain PyTorch (the delta rule by megatron's
-        # own torch_chunk_gated_delta_rule), restarting at packed-document boundaries as fla.
-        # jit_fuser (torch.compile) on three of its helpers would compile each with inductor on
-        # CPU (a C++ toolchain, ~20 s per process): they run eagerly.
-        if not gdn_common.HAVE_FLA:
-            from . import deltanet
-
-            _patch(gdn_common, "HAVE_FLA", True)
-            _patch(gdn_common, "l2norm", deltanet.l2norm)
-            _patch(gdn, "causal_conv1d", deltanet.causal_conv1d)
-            _patch(gdn, "chunk_gated_delta_rule", deltanet.chunk_gated_delta_rule)
-            for name in ("_apply_gated_norm", "_prepare_input_for_gated_delta_rule",
-                         "_compute_g_and_beta"):
-                _patch(gdn_common._GDNBase, name,
-                       deltanet.eager(getattr(gdn_common._GDNBase, name)))
         # initialize._compile_dependencies runs `make` on a Makefile the wheel lacks, then exits;
         # the wheel already ships the built helpers_cpp extension.
         _patch(datasets_utils, "compile_helpers", _no_compile_helpers)
@@ -322,10 +305,73 @@ def uninstall_cpu_compat() -> bool:
     if _log_filter is not None:
         logging.getLogger("megatron.core.tensor_parallel.random").removeFilter(_log_filter)
         _log_filter = None
-    while _saved:
-        owner, name, original = _saved.pop()
-        setattr(owner, name, original)
+    restored = restored or bool(_training_saved)
+    unpatch(_training_saved)
+    unpatch(_saved)
     return restored
+
+
+def skip_helper_build() -> None:
+    """``pretrain()`` runs ``make`` to build megatron-core's dataset helpers, on a Makefile the
+    pip wheel lacks (exit 1); the wheel ships the built ``helpers_cpp``: skip the build when it
+    imports (:func:`install_cpu_compat` does the same on CPU; this is for GPU runs). Undone by
+    :func:`uninstall_cpu_compat`."""
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError:
+        return
+    import megatron.core.datasets.utils as datasets_utils
+
+    if not getattr(datasets_utils.compile_helpers, "_eaft_cpu_compat", False):
+        replace(datasets_utils, "compile_helpers", _no_compile_helpers, _training_saved)
+
+
+def setup_cpu_training(args: Any) -> None:
+    """What Megatron-LM's initialisation skips without CUDA: gloo, model parallel, CUDA-RNG seeds
+    (the trainer calls it after parsing, with Megatron's ``args``, on a machine without CUDA).
+
+    ``initialize_megatron`` refuses to run without CUDA unless ``allow_no_cuda``; its
+    ``_initialize_distributed`` only builds the model-parallel groups when a GPU is counted, and
+    ``_set_random_seed`` only seeds the CUDA RNG tracker then. We build the groups first (the
+    trainer passes ``skip_model_parallel_init``), and seed the tracker right after Megatron's own
+    seeding (same seed rule: ``seed + 100 * pp_rank``), before any model is built. The wrapper of
+    ``initialize_megatron`` is undone by :func:`uninstall_cpu_compat`.
+    """
+    from datetime import timedelta
+
+    import megatron.training.training as loop
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            "gloo", rank=args.rank, world_size=args.world_size,
+            timeout=timedelta(minutes=args.distributed_timeout_minutes))
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+            args.virtual_pipeline_model_parallel_size,
+            context_parallel_size=args.context_parallel_size,
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            order="tp-cp-ep-dp-pp" if not args.use_tp_pp_dp_mapping else "tp-cp-ep-pp-dp",
+            create_gloo_process_groups=args.use_gloo_process_groups,
+        )
+    if getattr(loop.initialize_megatron, "_eaft_cpu_compat", False):
+        return
+
+    def wrap(original: Any) -> Any:
+        def initialize_megatron(*a: Any, **kw: Any):
+            kw["allow_no_cuda"] = True
+            result = original(*a, **kw)
+            seed = args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+            if args.data_parallel_random_init:
+                seed += 10 * parallel_state.get_data_parallel_rank()
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+            return result
+
+        initialize_megatron._eaft_cpu_compat = True
+        return initialize_megatron
+
+    patch(loop, "initialize_megatron", wrap, _training_saved)
 
 
 def cpu_compat_installed() -> bool:

@@ -93,7 +93,7 @@ def install_optimizer_fixes() -> None:
     """Idempotent; see the module doc."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    from ..train.patching import patch
+    from .patching import patch
 
     if not _saved:
         patch(DistributedOptimizer, "state_dict", _wrap_state_dict, _saved)
@@ -102,6 +102,6 @@ def install_optimizer_fixes() -> None:
 
 
 def uninstall_optimizer_fixes() -> None:
-    from ..train.patching import unpatch
+    from .patching import unpatch
 
     unpatch(_saved)

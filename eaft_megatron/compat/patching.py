@@ -1,30 +1,51 @@
-"""Wrapping functions of ``megatron.training.training`` that its loop calls by name.
+"""The one patcher: replace a module or class attribute, remember the original, put it back.
 
-Megatron-LM 0.19 has no callbacks; the trainer's hooks (:mod:`.metrics`, :mod:`.guard`) replace
-module attributes with wrappers that call the original, and put them back on uninstall.
+Megatron-LM 0.19 has no callbacks and megatron-core assumes CUDA in places, so this project
+changes attributes of their modules: the CPU layer (:mod:`.cpu`), the distributed optimizer's
+resume fixes (:mod:`.optimizer`), the safe checkpoint readers
+(:mod:`eaft_megatron.checkpoint.safe_load`), the trainer's hooks on the training loop
+(``eaft_megatron.train``: metrics, guard, landscape). Every one goes through here:
+
+- :func:`patch` wraps (``owner.name = make(original)``), :func:`replace` substitutes a value;
+  either records ``(owner, name, original)`` in the caller's ``registry`` (a list), and the
+  new callable carries ``__wrapped__ = original``;
+- :func:`unpatch` restores a registry, newest first;
+- a missing attribute is an ``ImportError`` naming it (the library changed under us).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-__all__ = ["patch", "unpatch"]
+__all__ = ["patch", "replace", "unpatch"]
+
+Registry = list[tuple[Any, str, Any]]
 
 
-def patch(owner: Any, name: str, make: Callable[[Callable], Callable],
-          registry: list[tuple[Any, str, Any]]) -> None:
+def replace(owner: Any, name: str, new: Any, registry: Registry) -> None:
+    """``owner.name = new``; the original remembered in ``registry`` for :func:`unpatch`."""
+    if not hasattr(owner, name):
+        raise ImportError(f"eaft_megatron expected {getattr(owner, '__name__', owner)}.{name} "
+                          f"(megatron-core / Megatron-LM 0.19, torch)")
+    original = getattr(owner, name)
+    if callable(new) and callable(original):
+        try:
+            new.__wrapped__ = original
+        except (AttributeError, TypeError):  # a class or builtin that takes no attributes
+            pass
+    registry.append((owner, name, original))
+    setattr(owner, name, new)
+
+
+def patch(owner: Any, name: str, make: Callable[[Callable], Callable], registry: Registry) -> None:
     """``owner.name = make(original)``; remembered in ``registry`` for :func:`unpatch`."""
     if not hasattr(owner, name):
-        raise ImportError(f"eaft_megatron.train expected {owner.__name__}.{name} "
-                          "(megatron-core 0.19's training loop)")
-    original = getattr(owner, name)
-    wrapper = make(original)
-    wrapper.__wrapped__ = original
-    registry.append((owner, name, original))
-    setattr(owner, name, wrapper)
+        raise ImportError(f"eaft_megatron expected {getattr(owner, '__name__', owner)}.{name} "
+                          f"(megatron-core / Megatron-LM 0.19, torch)")
+    replace(owner, name, make(getattr(owner, name)), registry)
 
 
-def unpatch(registry: list[tuple[Any, str, Any]]) -> None:
+def unpatch(registry: Registry) -> None:
     """Undo the patches of ``registry``, newest first."""
     while registry:
         owner, name, original = registry.pop()

@@ -23,8 +23,8 @@ padding is written in place into the parameter). Outputs go through :mod:`eaft_m
 an output overlapping an input is refused, everything is written into an owner-named temporary
 directory renamed at the very end, removed on any error or SIGINT/SIGTERM, and leftovers of
 killed runs are removed by the next run. Checkpoint metadata is read without unpickling
-anything but its own classes (:mod:`.safe_metadata`); a checkpoint with NaN/Inf is refused
-unless ``allow_non_finite``. Expected mistakes raise :class:`ConversionError` (or
+anything but its own classes (:mod:`eaft_megatron.checkpoint.metadata`); a checkpoint with
+NaN/Inf is refused unless ``allow_non_finite``. Expected mistakes raise :class:`ConversionError` (or
 ``paths.UnsafePathError``) with a one-line message.
 """
 
@@ -37,20 +37,21 @@ from pathlib import Path
 
 import torch
 
-from ..paths import atomic_output, check_output
-from ..progress import Progress
-from .io import ConversionError, SafetensorsReader, ShardedSafetensorsWriter, copy_side_files
-from .megatron_ckpt import (
+from ..checkpoint import (
+    CONVERTED_MARK,
+    HF_DIR,
     checkpoint_tensor_shapes,
+    find_hf_dir,
     find_iteration_dir,
     load_model_weights,
     megatron_process_group,
     save_model_checkpoint,
 )
+from ..paths import atomic_output, check_output
+from ..progress import Progress
+from .io import ConversionError, SafetensorsReader, ShardedSafetensorsWriter, copy_side_files
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-HF_SUBDIR = "hf"
-METADATA_FILE = "eaft_megatron.json"
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
 _VOCAB_PARAMS = ("embedding.", "output_layer.")
 # HF tensors that the Megatron model does not hold but a round trip must keep (GLM-4.5's MTP
@@ -88,23 +89,16 @@ def _input_dir(path: str | os.PathLike, what: str) -> Path:
 
 
 def load_hf_config(directory: str | os.PathLike):
-    """``AutoConfig`` from a local directory only (no hub, no remote code); for a
-    vision-language architecture the language model's config (``models.language_model_config``:
-    its ``text_config`` with the top-level ``architectures``)."""
+    """``AutoConfig`` from a local directory only (no hub, no remote code)."""
     from transformers import AutoConfig
-
-    from ..models import language_model_config
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise ConversionError(f"no config.json in {directory}")
     try:
-        config = AutoConfig.from_pretrained(directory, local_files_only=True,
-                                            trust_remote_code=False)
+        return AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except (ValueError, OSError, KeyError) as e:
         raise ConversionError(f"cannot read the HF config in {directory}: {e}") from e
-    with _as_conversion_error():
-        return language_model_config(config)
 
 
 def _config_dtype(hf_config) -> torch.dtype | None:
@@ -203,7 +197,6 @@ def hf_to_megatron(
     with _as_conversion_error():
         arch = models.get_arch(hf_config)
         models.check_parallel_sizes(hf_config, tp, pp)
-        models.linear_attention_config_from_hf(hf_config, arch)  # layer_types megatron lacks
         padded_vocab = models.padded_vocab_size(hf_config.vocab_size, tp)
     torch_dtype = _resolve_dtype(dtype, _config_dtype(hf_config))
 
@@ -266,26 +259,24 @@ def hf_to_megatron(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
             padded_vocab_size=padded_vocab, no_save_optim=True, no_save_rng=True,
         ))
-        copy_side_files(hf_dir, tmp / HF_SUBDIR,
+        copy_side_files(hf_dir, tmp / HF_DIR,
                         [n for n in _side_names(hf_dir) if n != EXTRA_TENSORS_FILE])
         if carried and not drop_mtp:
-            _write_extra_tensors(tmp / HF_SUBDIR / EXTRA_TENSORS_FILE, reader, carried)
+            _write_extra_tensors(tmp / HF_DIR / EXTRA_TENSORS_FILE, reader, carried)
         meta = dict(format=1, architecture=arch.hf_architecture, source=str(hf_dir.resolve()),
                     vocab_size=hf_config.vocab_size, padded_vocab_size=padded_vocab,
                     dtype=str(torch_dtype).removeprefix("torch."), tp=tp, pp=pp,
                     extra_tensors=0 if drop_mtp else len(carried),
                     dropped_tensors=len(carried) if drop_mtp else 0)
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / CONVERTED_MARK).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out)
 
 
 def _extra_hf_tensors(arch, hf_config, present: set[str]) -> list[str]:
-    """Names of the HF tensors in layers ``num_hidden_layers ..`` + ``arch.extra_hf_layers``
-    and under ``arch.extra_hf_prefixes`` (Qwen3.5's ``mtp.`` head and vision tower)."""
+    """Names of the HF tensors in layers ``num_hidden_layers ..`` + ``arch.extra_hf_layers``."""
     count = int(getattr(hf_config, arch.extra_hf_layers, 0) or 0) if arch.extra_hf_layers else 0
     first = hf_config.num_hidden_layers
     prefixes = tuple(f"model.layers.{first + i}." for i in range(count))
-    prefixes += tuple(arch.extra_hf_prefixes)
     return sorted(n for n in present if prefixes and n.startswith(prefixes))
 
 
@@ -296,16 +287,6 @@ def _write_extra_tensors(path: Path, reader: SafetensorsReader, names: list[str]
     save_file({n: reader.get(n).contiguous() for n in names}, str(path),
               metadata={"format": "pt", "eaft_megatron": "HF tensors the Megatron model does "
                         "not hold (multi-token prediction), written back on export"})
-
-
-def find_hf_config_dir(megatron_dir: Path, hf_config: str | os.PathLike | None) -> Path:
-    if hf_config is not None:
-        return _input_dir(hf_config, "--hf-config")
-    for candidate in (megatron_dir / HF_SUBDIR, megatron_dir.parent / HF_SUBDIR):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise ConversionError(f"no HF config stored with {megatron_dir} (expected "
-                          f"{megatron_dir / HF_SUBDIR}/config.json): pass --hf-config DIR")
 
 
 def non_finite_tensors(tensors: dict[str, torch.Tensor], *, chunk: int = 1 << 24) -> list[str]:
@@ -347,7 +328,11 @@ def megatron_to_hf(
     megatron_dir = _input_dir(megatron_dir, "Megatron checkpoint directory")
     iter_dir = find_iteration_dir(megatron_dir, iteration)
     root = megatron_dir if iter_dir != megatron_dir else iter_dir.parent
-    hf_side = find_hf_config_dir(root, hf_config)
+    # --hf-config, else the hf/ stored with the checkpoint or with the directory above it
+    hf_side = find_hf_dir(root, root.parent, hf_config=hf_config)
+    if hf_side is None:
+        raise ConversionError(f"no HF config stored with {root} (expected "
+                              f"{root / HF_DIR}/config.json): pass --hf-config DIR")
     inputs = {"--megatron": megatron_dir, "--hf-config": hf_side}
     check_output(out, inputs=inputs, force=force)
     config = load_hf_config(hf_side)

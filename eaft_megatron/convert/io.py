@@ -16,6 +16,8 @@ from typing import Iterable
 
 import torch
 
+from ..checkpoint.errors import CheckpointError
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # Files of a HF model directory that are not weights and travel with a converted checkpoint.
 HF_SIDE_FILES = (
@@ -36,8 +38,9 @@ HF_SIDE_FILES = (
 )
 
 
-class ConversionError(ValueError):
-    """A checkpoint or model directory that cannot be converted (message says why)."""
+# A checkpoint or model directory that cannot be converted (message says why): the checkpoint
+# package's one error type, under the name the conversion API has always raised.
+ConversionError = CheckpointError
 
 
 def copy_side_files(src: Path, dst: Path, names: Iterable[str] = HF_SIDE_FILES) -> list[str]:

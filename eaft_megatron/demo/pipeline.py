@@ -328,14 +328,15 @@ def _megatron_logits(ckpt: Path, ids):
     import torch
 
     from ..compat import cpu_transformer_config_kwargs
-    from ..convert.convert import EMBEDDING_KEY, find_hf_config_dir, load_hf_config
-    from ..convert.megatron_ckpt import (
-        checkpoint_tensor_shapes, find_iteration_dir, load_model_weights, megatron_process_group,
+    from ..checkpoint import (
+        HF_DIR, checkpoint_tensor_shapes, find_hf_dir, find_iteration_dir, load_model_weights,
+        megatron_process_group,
     )
+    from ..convert.convert import EMBEDDING_KEY, load_hf_config
     from ..models import build_gpt_model
 
     iter_dir = find_iteration_dir(ckpt)
-    hf_config = load_hf_config(find_hf_config_dir(ckpt, None))
+    hf_config = load_hf_config(find_hf_dir(ckpt) or ckpt / HF_DIR)
     padded = checkpoint_tensor_shapes(iter_dir)[EMBEDDING_KEY][0][0]
     with megatron_process_group():
         kwargs = cpu_transformer_config_kwargs() if not torch.cuda.is_available() else {}

@@ -64,20 +64,22 @@ class LaunchInfo:
 
 def find_hf_dir(argv: list[str], roots: tuple[str | None, ...] = ()) -> Path:
     """``--hf-config DIR``, else the ``hf/`` directory stored with the first checkpoint root
-    that has one: ``roots`` (the resolved start), ``--load``, ``--pretrained-checkpoint``."""
-    explicit = flag_value(argv, "--hf-config")
-    if explicit is not None:
-        path = Path(explicit)
-        if not (path / "config.json").is_file():
-            raise TrainArgError(f"--hf-config {path}: no config.json there")
-        return path
-    for root in (*roots, flag_value(argv, "--load"), flag_value(argv, "--pretrained-checkpoint")):
-        if root is not None and (Path(root) / "hf" / "config.json").is_file():
-            return Path(root) / "hf"
-    raise TrainArgError("no model architecture: pass --load/--pretrained-checkpoint with a "
-                        "checkpoint converted by `eaft-megatron convert hf-to-megatron` (it "
-                        "stores hf/config.json) or --hf-config DIR (a Hugging Face config "
-                        "directory)")
+    that has one: ``roots`` (the resolved start), ``--load``, ``--pretrained-checkpoint``
+    (:func:`eaft_megatron.checkpoint.find_hf_dir`)."""
+    from ..checkpoint import find_hf_dir as find_stored
+
+    try:
+        found = find_stored(*roots, flag_value(argv, "--load"),
+                            flag_value(argv, "--pretrained-checkpoint"),
+                            hf_config=flag_value(argv, "--hf-config"))
+    except CheckpointError as e:
+        raise TrainArgError(str(e)) from None
+    if found is None:
+        raise TrainArgError("no model architecture: pass --load/--pretrained-checkpoint with a "
+                            "checkpoint converted by `eaft-megatron convert hf-to-megatron` (it "
+                            "stores hf/config.json) or --hf-config DIR (a Hugging Face config "
+                            "directory)")
+    return found
 
 
 def _same(a: str, b: str) -> bool:

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from .patching import patch, unpatch
-from .restart import latest_complete
+from ..compat.patching import patch, unpatch
+from ..checkpoint import iteration_dir_name, latest_complete
 
 __all__ = ["NonFiniteError", "RunStopped", "check_loss", "install_guard", "last_good_checkpoint",
            "uninstall_guard"]
@@ -55,7 +55,7 @@ def last_good_checkpoint(args: Any) -> str:
         except ValueError:
             iteration = None
         if iteration is not None:
-            return str(Path(root) / f"iter_{iteration:07d}")
+            return str(Path(root) / iteration_dir_name(iteration))
     return "none"
 
 

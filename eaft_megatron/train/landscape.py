@@ -49,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from ..checkpoint import iteration_dir_name
+
 __all__ = ["Landscape", "add_landscape_args", "install_landscape_hooks", "plot_landscapes",
            "main"]
 
@@ -305,7 +307,7 @@ class Landscape:
         merged = unpack_buffers(buffers, current.bins, capacity)
         targets = [self.directory]
         if self.interval is not None:
-            targets.insert(0, self.directory / f"iter_{self.iteration:07d}")
+            targets.insert(0, self.directory / iteration_dir_name(self.iteration))
         for target in targets:
             write_landscape(target, merged, args=self.args, hf_dir=self.hf_dir, data=self.data,
                             iteration=self.iteration, final=self.final)
@@ -329,7 +331,7 @@ def install_landscape_hooks(landscape: Landscape) -> None:
 
     import megatron.training.training as loop
 
-    from .patching import patch, unpatch
+    from ..compat.patching import patch, unpatch
 
     unpatch(_saved)
     _ACTIVE[:] = [landscape]

@@ -2,15 +2,15 @@
 
 See the package docstring for command lines. Steps: complete the command line
 (:mod:`.argv`), parse and validate it with Megatron-LM's parser (plus EAFT and trainer flags),
-set up CPU execution when there is no GPU, store the HF config next to the checkpoints, hook
-``metrics.jsonl``, then hand over to ``megatron.training.pretrain``.
+set up CPU execution when there is no GPU (:mod:`eaft_megatron.compat.cpu`), store the HF
+config next to the checkpoints, hook ``metrics.jsonl``, then hand over to
+``megatron.training.pretrain``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from functools import partial
 from pathlib import Path
@@ -72,9 +72,10 @@ def _padded_vocab(args: Any, hf_config: Any) -> int:
     """The checkpoint's padded vocabulary (its embedding rows), else Megatron's padding rule."""
     from ..models import padded_vocab_size
 
+    from ..checkpoint import TRACKER, checkpoint_tensor_shapes, find_iteration_dir
+
     root = args.load or getattr(args, "pretrained_checkpoint", None)
-    if root and (Path(root) / "latest_checkpointed_iteration.txt").is_file():
-        from ..convert.megatron_ckpt import checkpoint_tensor_shapes, find_iteration_dir
+    if root and (Path(root) / TRACKER).is_file():
 
         step = getattr(args, "ckpt_step", None)
         shapes = checkpoint_tensor_shapes(find_iteration_dir(root, step if not args.finetune
@@ -88,74 +89,15 @@ def _padded_vocab(args: Any, hf_config: Any) -> int:
 
 def _store_hf_dir(hf_dir: Path, save: str) -> None:
     """Copy the HF config/tokenizer files into ``<save>/hf`` (atomically, once)."""
+    from ..checkpoint import HF_DIR
     from ..convert.io import copy_side_files
+    from ..paths import atomic_output
 
-    target = Path(save) / "hf"
+    target = Path(save) / HF_DIR
     if (target / "config.json").is_file() or target.resolve() == hf_dir.resolve():
         return
-    tmp = Path(save) / f".hf.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    copy_side_files(hf_dir, tmp)
-    os.replace(tmp, target)
-
-
-def _skip_helper_build() -> None:
-    """``pretrain()`` runs ``make`` to build megatron-core's dataset helpers, on a Makefile the
-    pip wheel lacks (exit 1); the wheel ships the built ``helpers_cpp``: skip the build when it
-    imports (the CPU layer does the same on CPU)."""
-    try:
-        from megatron.core.datasets import helpers_cpp  # noqa: F401
-    except ImportError:
-        return
-    import megatron.core.datasets.utils as datasets_utils
-
-    datasets_utils.compile_helpers = lambda: None
-
-
-def _setup_cpu(args: Any) -> None:
-    """What Megatron's initialisation skips without CUDA: gloo, model parallel, CUDA-RNG seeds.
-
-    ``initialize_megatron`` refuses to run without CUDA unless ``allow_no_cuda``; its
-    ``_initialize_distributed`` only builds the model-parallel groups when a GPU is counted, and
-    ``_set_random_seed`` only seeds the CUDA RNG tracker then. We build the groups first and pass
-    ``skip_model_parallel_init``, and seed the tracker right after Megatron's own seeding (same
-    seed rule: ``seed + 100 * pp_rank``), before any model is built.
-    """
-    from datetime import timedelta
-
-    import torch
-    import megatron.training.training as loop
-    from megatron.core import parallel_state, tensor_parallel
-
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(
-            "gloo", rank=args.rank, world_size=args.world_size,
-            timeout=timedelta(minutes=args.distributed_timeout_minutes))
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-            args.virtual_pipeline_model_parallel_size,
-            context_parallel_size=args.context_parallel_size,
-            expert_model_parallel_size=args.expert_model_parallel_size,
-            order="tp-cp-ep-dp-pp" if not args.use_tp_pp_dp_mapping else "tp-cp-ep-pp-dp",
-            create_gloo_process_groups=args.use_gloo_process_groups,
-        )
-    original = loop.initialize_megatron
-    if getattr(original, "_eaft_cpu", False):
-        return
-
-    def initialize_megatron(*a: Any, **kw: Any):
-        kw["allow_no_cuda"] = True
-        result = original(*a, **kw)
-        seed = args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
-        if args.data_parallel_random_init:
-            seed += 10 * parallel_state.get_data_parallel_rank()
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
-        return result
-
-    initialize_megatron._eaft_cpu = True
-    initialize_megatron.__wrapped__ = original
-    loop.initialize_megatron = initialize_megatron
+    with atomic_output(target, force=True) as tmp:
+        copy_side_files(hf_dir, tmp)
 
 
 def _rank() -> int:
@@ -251,9 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.padded_vocab_size = _padded_vocab(args, info.hf_config)
     if cpu:
-        _setup_cpu(args)
+        from ..compat import setup_cpu_training
+
+        setup_cpu_training(args)
     else:
-        _skip_helper_build()
+        from ..compat import skip_helper_build
+
+        skip_helper_build()
     if args.save and args.rank == 0:
         os.makedirs(args.save, exist_ok=True)
         _store_hf_dir(info.hf_dir, args.save)
@@ -285,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():  # "use a ModelConfig": we deliberately use a provider
         warnings.simplefilter("ignore", UserWarning)
         config = pretrain_cfg_container_from_args(args)
-    from ..compat.safe_load import refusal, safe_checkpoint_loading
+    from ..checkpoint.safe_load import refusal, safe_checkpoint_loading
 
     try:
         with safe_checkpoint_loading(enabled=not args.eaft_trust_checkpoint):

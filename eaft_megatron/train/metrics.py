@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from .patching import patch, unpatch
+from ..compat.patching import patch, unpatch
 
 __all__ = ["ExpertLoad", "MetricsLog", "expert_load", "install_metrics_hooks", "metric_name",
            "uninstall_metrics_hooks"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import find_hf_dir
 from .arch_flags import architecture_flags
 from .flags import TrainArgError, flag_values, has_flag, int_flag
 from .restart import Start
@@ -121,8 +122,8 @@ def check_same_architecture(hf_dir: Path, checkpoint: str | None) -> None:
     """A checkpoint carrying its own ``hf/`` config must describe the model ``hf_dir`` does."""
     if checkpoint is None:
         return
-    stored = Path(checkpoint) / "hf"
-    if not (stored / "config.json").is_file() or stored.resolve() == hf_dir.resolve():
+    stored = find_hf_dir(checkpoint)
+    if stored is None or stored.resolve() == hf_dir.resolve():
         return
     mine, theirs = _architecture_of(hf_dir), _architecture_of(stored)
     if mine != theirs:
@@ -135,35 +136,32 @@ def check_same_architecture(hf_dir: Path, checkpoint: str | None) -> None:
 def check_checkpoint_files(root: str, iteration: int | None, *, trust: bool = False) -> None:
     """The torch_dist metadata of the checkpoint about to be loaded, read with the allow-listed
     unpickler, and the data files it lists present and long enough
-    (:func:`eaft_megatron.convert.safe_metadata.validate_checkpoint_metadata`); unless
+    (:func:`eaft_megatron.checkpoint.validate_checkpoint_metadata`); unless
     ``trust``, every pickled entry checked against the allow-list without unpickling it
-    (:func:`eaft_megatron.compat.safe_load.check_checkpoint_entries`)."""
-    from ..compat.safe_load import check_checkpoint_entries
-    from ..convert.io import ConversionError
-    from ..convert.megatron_ckpt import find_iteration_dir
-    from ..convert.safe_metadata import validate_checkpoint_metadata
+    (:func:`eaft_megatron.checkpoint.safe_load.check_checkpoint_entries`)."""
+    from ..checkpoint import CheckpointError, find_iteration_dir, validate_checkpoint_metadata
+    from ..checkpoint.safe_load import check_checkpoint_entries
 
     try:
         iteration_dir = find_iteration_dir(root, iteration)
         metadata = validate_checkpoint_metadata(iteration_dir)
         if not trust:
             check_checkpoint_entries(iteration_dir, metadata)
-    except ConversionError as e:
+    except CheckpointError as e:
         raise TrainArgError(str(e)) from None
 
 
 def saved_expert_parallel_size(root: str, iteration: int | None, *,
                                trust: bool = False) -> int | None:
     """``--expert-model-parallel-size`` of the run that saved a trainer checkpoint (Megatron's
-    args in its common state, unpickled with :func:`eaft_megatron.compat.safe_load.load_checked`,
+    args in its common state, unpickled with :func:`eaft_megatron.checkpoint.safe_load.load_checked`,
     also with ``trust``: nothing is unpickled freely before Megatron's own loader; a refusal then
     only skips this check); None for a converted checkpoint or when it cannot be read (the loader
     then says why)."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from ..compat.safe_load import COMMON_FILE, load_checked
-    from ..convert.megatron_ckpt import find_iteration_dir
-    from ..convert.safe_metadata import validate_checkpoint_metadata
+    from ..checkpoint import find_iteration_dir, validate_checkpoint_metadata
+    from ..checkpoint.safe_load import COMMON_FILE, load_checked
 
     def load(data: bytes, where: str):  # a refusal under --eaft-trust-checkpoint is not reported
         return load_checked(data, where, record=not trust)

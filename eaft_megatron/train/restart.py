@@ -27,21 +27,20 @@ Megatron then receives one unambiguous form: ``--load SRC`` (+ ``--finetune``), 
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint import (
+    TRACKER,
+    CheckpointError,
+    complete_iterations,
+    is_complete,
+    is_converted,
+    iteration_dir_name,
+    latest_complete,
+)
+
 __all__ = ["CheckpointError", "Start", "complete_iterations", "latest_complete", "resolve_start"]
-
-TRACKER = "latest_checkpointed_iteration.txt"
-CONVERTED_MARK = "eaft_megatron.json"  # written by `eaft-megatron convert hf-to-megatron`
-_ITER_DIR = re.compile(r"^iter_(\d{7})$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint named on the command line is missing, incomplete or would be overwritten."""
-
 
 @dataclass
 class Start:
@@ -53,53 +52,6 @@ class Start:
     resumed: bool
     iteration: int
     note: str
-
-
-def _is_complete(iteration_dir: Path) -> bool:
-    return (iteration_dir / ".metadata").is_file() or \
-        (iteration_dir / "mp_rank_00" / "model_optim_rng.pt").is_file()  # legacy torch format
-
-
-def complete_iterations(root: str | os.PathLike) -> list[int]:
-    """Iterations with a complete ``iter_XXXXXXX`` directory under ``root``, ascending."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [int(m.group(1)) for p in root.iterdir() if (m := _ITER_DIR.match(p.name))
-             and p.is_dir() and _is_complete(p)]
-    return sorted(found)
-
-
-def latest_complete(root: str | os.PathLike | None) -> int | None:
-    """The iteration the tracker of ``root`` names, when its directory is complete; None when
-    ``root`` holds no checkpoint. A tracker naming a missing/incomplete directory, or complete
-    iteration directories without a tracker, raise :class:`CheckpointError`."""
-    if root is None:
-        return None
-    root = Path(root)
-    tracker = root / TRACKER
-    if not tracker.is_file():
-        orphans = complete_iterations(root)
-        if orphans:
-            raise CheckpointError(
-                f"{root} holds complete checkpoints (iterations {orphans}) but no {TRACKER}: "
-                f"restore it (echo {orphans[-1]} > {tracker}) or move the directory away; "
-                "starting over would overwrite them")
-        return None
-    text = tracker.read_text().strip()
-    if text == "release":
-        return 0
-    if not text.isdigit():
-        raise CheckpointError(f"corrupt {tracker}: {text!r} is not an iteration number")
-    iteration = int(text)
-    if not _is_complete(root / f"iter_{iteration:07d}"):
-        raise CheckpointError(f"{tracker} names iteration {iteration}, but "
-                              f"{root / f'iter_{iteration:07d}'} is missing or incomplete")
-    return iteration
-
-
-def _is_converted(root: str) -> bool:
-    return (Path(root) / CONVERTED_MARK).is_file()
 
 
 def _must_hold_checkpoint(flag: str, root: str) -> int:
@@ -126,7 +78,7 @@ def resolve_start(*, load: str | None, save: str | None, pretrained: str | None,
         ignored = [f"{f} {v}" for f, v in (("--load", load), ("--pretrained-checkpoint",
                                                               pretrained)) if v and
                    Path(v).resolve() != Path(save).resolve()]
-        note = (f"resuming from {Path(save) / f'iter_{newest:07d}'} (the latest complete "
+        note = (f"resuming from {Path(save) / iteration_dir_name(newest)} (the latest complete "
                 f"checkpoint in --save)" + (f"; not loading {', '.join(ignored)}" if ignored
                                             else ""))
         return Start(load=save, finetune=False, resumed=True, iteration=newest, note=note)
@@ -142,11 +94,12 @@ def resolve_start(*, load: str | None, save: str | None, pretrained: str | None,
                      note="no --load/--pretrained-checkpoint: starting from random weights")
     iteration = _must_hold_checkpoint(flag, source)
     if ckpt_step is not None and source is load:
-        if not _is_complete(Path(load) / f"iter_{ckpt_step:07d}"):
+        if not is_complete(Path(load) / iteration_dir_name(ckpt_step)):
             raise CheckpointError(f"--ckpt-step {ckpt_step}: {load} has no complete "
-                                  f"iter_{ckpt_step:07d} (found {complete_iterations(load)})")
+                                  f"{iteration_dir_name(ckpt_step)} (found "
+                                  f"{complete_iterations(load)})")
         iteration = ckpt_step
-    finetune = finetune or flag == "--pretrained-checkpoint" or _is_converted(source)
+    finetune = finetune or flag == "--pretrained-checkpoint" or is_converted(source)
     what = "weights only, from iteration 0" if finetune else f"resuming at iteration {iteration}"
     return Start(load=source, finetune=finetune, resumed=False, iteration=0 if finetune
                  else iteration, note=f"loading {source} ({what})")
