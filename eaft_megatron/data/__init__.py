@@ -32,7 +32,7 @@ _EXPORTS = {
     "preprocess": "pipeline", "PreprocessError": "pipeline", "WorkerDied": "workers",
     "InvalidRecord": "formats", "parse_line": "formats", "parse_record": "formats",
     "FORMATS": "formats",
-    "ConfigError": "tokenizer", "load_tokenizer": "tokenizer", "encode_record": "tokenizer",
+    "ConfigError": "errors", "load_tokenizer": "tokenizer", "encode_record": "tokenizer",
     "Packer": "packing",
     "dataset_paths": "writer",
     "SFTIndexedDataset": "dataset", "load_summary": "dataset", "block_causal_mask": "dataset",

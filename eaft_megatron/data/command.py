@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .constants import OVERLONG
 from .formats import FORMATS
-
-OVERLONG = ("truncate", "drop")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +49,7 @@ def _error(message: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..paths import Interrupted, interruptible
     from . import pipeline
-    from .tokenizer import ConfigError
+    from .errors import ConfigError
     from .workers import WorkerDied
 
     try:

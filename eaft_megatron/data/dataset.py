@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .pipeline import FORMAT_VERSION
+from .constants import FORMAT_VERSION
 from .writer import dataset_paths
 
 IGNORE_INDEX = -100

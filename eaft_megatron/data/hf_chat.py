@@ -42,7 +42,7 @@ import re
 from typing import Any
 
 from .formats import Conversation, InvalidRecord
-from .tokenizer import ConfigError
+from .errors import ConfigError
 
 
 def _last_line(content: str) -> str:

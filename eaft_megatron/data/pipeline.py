@@ -43,12 +43,11 @@ from typing import Any
 import numpy as np
 
 from ..progress import Progress
-from .command import OVERLONG
+from .constants import FORMAT_VERSION, OVERLONG
+from .errors import ConfigError
 from .formats import FORMATS, InvalidRecord, parse_line
-from .tokenizer import ChatTokenizer, ConfigError, encode_record, load_tokenizer
+from .tokenizer import ChatTokenizer, encode_record, load_tokenizer
 from .writer import DatasetWriter, check_outputs, token_dtype
-
-FORMAT_VERSION = 1
 CHUNK_LINES = 256
 CHUNK_BYTES = 1 << 20
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 
 from .formats import Conversation
-from .tokenizer import ConfigError
+from .errors import ConfigError
 
 ROLE_TAGS = {"system": "System:", "user": "User:", "assistant": "Assistant:", "tool": "Tool:"}
 TOOLS_TAG = "Tools:"

@@ -18,11 +18,10 @@ from typing import Protocol
 
 import numpy as np
 
+from .errors import ConfigError
 from .formats import Conversation, InvalidRecord, Record, TextRecord, TokenizedRecord
 
-
-class ConfigError(RuntimeError):
-    """A problem with the set-up (tokenizer, options), not with one line: never skipped."""
+__all__ = ["ChatTokenizer", "ConfigError", "encode_record", "load_tokenizer"]
 
 
 class ChatTokenizer(Protocol):
