@@ -119,11 +119,11 @@ def _forward_logits(model, input_ids, pp: int):
 def _reshard_worker(rank, world, ckpt_in, ckpt_out, tp, pp, input_ids, reference):
     from megatron.core import parallel_state, tensor_parallel
 
-    from eaft_megatron.compat import cpu_transformer_config_kwargs, install_cpu_compat
-    from eaft_megatron.convert.convert import EMBEDDING_KEY, load_hf_config
-    from eaft_megatron.convert.megatron_ckpt import (
+    from eaft_megatron.checkpoint import (
         checkpoint_tensor_shapes, find_iteration_dir, load_model_weights, save_model_checkpoint,
     )
+    from eaft_megatron.compat import cpu_transformer_config_kwargs, install_cpu_compat
+    from eaft_megatron.convert.convert import EMBEDDING_KEY, load_hf_config
     from eaft_megatron.models import build_gpt_model
 
     install_cpu_compat()

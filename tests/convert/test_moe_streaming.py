@@ -14,9 +14,8 @@ import shutil
 import pytest
 from safetensors.torch import save_file
 
+from eaft_megatron.checkpoint import find_iteration_dir, read_checkpoint_metadata
 from eaft_megatron.convert import ConversionError, hf_to_megatron, megatron_to_hf
-from eaft_megatron.convert.megatron_ckpt import find_iteration_dir
-from eaft_megatron.convert.safe_metadata import read_checkpoint_metadata
 from tests.support.tiny_models import build_moe
 
 # Qwen3-MoE tiny model: layer 1 dense (its fc1 a plain SwiGLU), layers 0/2/3 routed experts

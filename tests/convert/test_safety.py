@@ -24,9 +24,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from eaft_megatron.checkpoint import UnsafeCheckpointError as UnsafeMetadataError
+from eaft_megatron.checkpoint import read_checkpoint_metadata
 from eaft_megatron.cli import main
 from eaft_megatron.convert import checkpoint_tensor_shapes, hf_to_megatron
-from eaft_megatron.convert.safe_metadata import UnsafeMetadataError, read_checkpoint_metadata
 from tests.support.tiny_models import build
 
 

@@ -63,11 +63,11 @@ def _run_case(rank, case, ckpt, resaved, reference):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from eaft_megatron.compat import cpu_transformer_config_kwargs, install_cpu_compat
-    from eaft_megatron.convert.convert import load_hf_config
-    from eaft_megatron.convert.megatron_ckpt import (
+    from eaft_megatron.checkpoint import (
         find_iteration_dir, load_model_weights, save_model_checkpoint,
     )
+    from eaft_megatron.compat import cpu_transformer_config_kwargs, install_cpu_compat
+    from eaft_megatron.convert.convert import load_hf_config
     from eaft_megatron.models import build_gpt_model, get_arch, megatron_names
 
     install_cpu_compat()
