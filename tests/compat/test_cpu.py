@@ -17,7 +17,6 @@ from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from eaft_megatron.compat import cpu
 
@@ -58,28 +57,24 @@ def _batches() -> list[dict[str, torch.Tensor]]:
 
 
 def _build_gpt(*, tie: bool):
-    """A tiny GPT on the current parallel state; seeds megatron's RNG first."""
+    """A tiny Qwen2-architecture GPT (RMSNorm, SwiGLU, GQA, rotary, q/k/v bias) on the current
+    parallel state, built as every model here is (``models.build_gpt_model``); seeds megatron's
+    RNG first. (Not Qwen3: its q/k norm weights are replicated over TP and their gradients are
+    per-rank partial sums until megatron's DDP reduces them, which this raw check bypasses.)"""
+    import transformers
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
+
+    from eaft_megatron.models import build_gpt_model
 
     tensor_parallel.model_parallel_cuda_manual_seed(SEED)  # also reseeds the CPU generator
-    config = TransformerConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=96, normalization="RMSNorm", gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
-        attention_dropout=0.0,
+    hf = transformers.Qwen2Config(
+        architectures=["Qwen2ForCausalLM"], hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=SEQ, tie_word_embeddings=tie)
+    return build_gpt_model(
+        hf, padded_vocab=VOCAB, transformer_impl="local",
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        **cpu.cpu_transformer_config_kwargs(),
-    )
-    return GPTModel(
-        config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=VOCAB,
-        max_sequence_length=SEQ, pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=tie, position_embedding_type="rope",
-    )
+        **cpu.cpu_transformer_config_kwargs())
 
 
 def _gather_tp(t: torch.Tensor, *, dim: int, stride: int = 1) -> torch.Tensor:
