@@ -235,6 +235,27 @@ def weighted_loss(merged: MergedPartials, valid: torch.Tensor, *, loss_type: str
     return weight, torch.where(valid, weight * merged.cross_entropy, zero)
 
 
+def token_outputs(ctx, merged: MergedPartials, weight: torch.Tensor, loss: torch.Tensor,
+                  valid: torch.Tensor, shape: torch.Size) -> tuple:
+    """The autograd Functions' outputs, shaped like ``target``: (loss, CE, p(label), entropy,
+    weight, mask, top_token), statistics 0 (top_token -1) where ignored and marked
+    non-differentiable on ``ctx``."""
+    zero = torch.zeros((), dtype=torch.float32, device=loss.device)
+    stats_ce = torch.where(valid, merged.cross_entropy, zero)
+    stats_prob = torch.where(valid, merged.target_prob, zero)
+    if merged.entropy is not None:
+        stats_entropy = torch.where(valid, merged.entropy, zero)
+    else:
+        stats_entropy = torch.zeros_like(stats_prob)
+    if merged.top_token is not None:
+        top_token = torch.where(valid, merged.top_token, -1)
+    else:
+        top_token = torch.full(valid.shape, -1, dtype=torch.int64, device=valid.device)
+    ctx.mark_non_differentiable(stats_ce, stats_prob, stats_entropy, weight, valid, top_token)
+    return tuple(t.view(shape) for t in (loss, stats_ce, stats_prob, stats_entropy, weight,
+                                         valid, top_token))
+
+
 class _VocabParallelEAFT(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -289,36 +310,12 @@ class _VocabParallelEAFT(torch.autograd.Function):
                                 top_k=top_k, top=want_top)
         weight, loss = weighted_loss(merged, valid, loss_type=loss_type, top_k=top_k,
                                      alpha=alpha)
-        cross_entropy, target_prob, entropy = merged.cross_entropy, merged.target_prob, \
-            merged.entropy
-        zero = torch.zeros((), dtype=torch.float32, device=device)
 
         ctx.save_for_backward(work, merged.softmax_scale, weight, local_index, owned)
         ctx.input_dtype = logits.dtype
         ctx.input_shape = logits.shape
         ctx.chunk_rows = chunk_rows
-
-        stats_ce = torch.where(valid, cross_entropy, zero)
-        stats_prob = torch.where(valid, target_prob, zero)
-        stats_entropy = torch.where(valid, entropy, zero) if entropy is not None else None
-        if stats_entropy is None:
-            stats_entropy = torch.zeros_like(stats_prob)
-        if merged.top_token is not None:
-            top_token = torch.where(valid, merged.top_token, -1)
-        else:
-            top_token = torch.full_like(target_1d, -1)
-        ctx.mark_non_differentiable(stats_ce, stats_prob, stats_entropy, weight, valid,
-                                    top_token)
-        shape = target.shape
-        return (
-            loss.view(shape),
-            stats_ce.view(shape),
-            stats_prob.view(shape),
-            stats_entropy.view(shape),
-            weight.view(shape),
-            valid.view(shape),
-            top_token.view(shape),
-        )
+        return token_outputs(ctx, merged, weight, loss, valid, target.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -423,6 +420,8 @@ def vocab_parallel_eaft_cross_entropy(
     tp_group: "dist.ProcessGroup | None" = None,
     return_stats: bool = False,
     chunk_rows: int | None = None,
+    impl: str = "auto",
+    inplace_backward: bool = False,
 ) -> "torch.Tensor | tuple[torch.Tensor, EAFTTokenStats]":
     """Per-token entropy-adaptive cross-entropy over vocab-parallel logits.
 
@@ -441,8 +440,17 @@ def vocab_parallel_eaft_cross_entropy(
             ``parallel_state`` is initialised, otherwise no tensor parallelism.
         return_stats: also return :class:`EAFTTokenStats` (target probability, entropy, gate
             weight, mask, unweighted CE) from the same pass, for logging.
-        chunk_rows: rows per chunk of the forward and backward passes (default: about
-            4 MiB of fp32 on CPU, 1 GiB on GPU).
+        chunk_rows: rows per chunk of the forward and backward passes of the PyTorch path
+            (default: about 4 MiB of fp32 on CPU, 1 GiB on GPU).
+        impl: ``"auto"`` (Triton kernels on CUDA, the PyTorch path on CPU; on CUDA a missing or
+            too old Triton, an fp64 or non-contiguous input or ``top_k`` > 128 falls back to
+            the PyTorch path with a log line), ``"triton"`` (:mod:`.triton_eaft`; on CPU only
+            under ``TRITON_INTERPRET=1``; anything it cannot run is a one-line error) or
+            ``"torch"``. Both give the same results.
+        inplace_backward: allow the Triton path to write the gradient over
+            ``vocab_parallel_logits`` (their contents are then the gradient after backward):
+            the loss then adds no ``[N, V/tp]`` memory at all. Only for logits nobody reads
+            after the loss (the fused output layer's); ignored by the PyTorch path.
 
     Returns:
         The per-token loss ``w_t * CE_t``: float32, shape of ``target``, exactly 0 where
@@ -472,19 +480,18 @@ def vocab_parallel_eaft_cross_entropy(
     if return_stats and vocab_local * world > MAX_TOP_TOKEN_VOCAB:
         raise ValueError(f"return_stats supports vocabularies up to {MAX_TOP_TOKEN_VOCAB} ids "
                          f"(top_token travels as float32), got {vocab_local * world}")
-    loss, ce, prob, ent, weight, mask, top = _VocabParallelEAFT.apply(
-        vocab_parallel_logits,
-        target.long(),
-        loss_type,
-        top_k,
-        float(alpha),
-        entropy,
-        ignore_index,
-        group,
-        need_entropy,
-        chunk_rows,
-        return_stats,
-    )
+    from .triton_eaft import TritonVocabParallelEAFT, resolve_impl
+
+    k_local = min(top_k, vocab_local) if need_entropy and entropy == "topk" else 0
+    if resolve_impl(impl, vocab_parallel_logits, k_local=k_local) == "triton":
+        outputs = TritonVocabParallelEAFT.apply(
+            vocab_parallel_logits, target.long(), loss_type, top_k, float(alpha), entropy,
+            ignore_index, group, need_entropy, return_stats, bool(inplace_backward))
+    else:
+        outputs = _VocabParallelEAFT.apply(
+            vocab_parallel_logits, target.long(), loss_type, top_k, float(alpha), entropy,
+            ignore_index, group, need_entropy, chunk_rows, return_stats)
+    loss, ce, prob, ent, weight, mask, top = outputs
     if return_stats:
         stats = EAFTTokenStats(cross_entropy=ce, target_prob=prob, entropy=ent, weight=weight,
                                mask=mask, top_token=top)
