@@ -9,31 +9,38 @@ from __future__ import annotations
 import argparse
 
 from ..ops import ENTROPY_MODES, LOSS_TYPES
+from .loss import EAFTLossConfig
 
 __all__ = ["add_eaft_args"]
+
+_DEFAULTS = EAFTLossConfig()  # the one place the EAFT defaults are written
 
 
 def add_eaft_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``EAFT`` argument group; returns ``parser`` (Megatron's provider contract).
 
-    ``--loss-type {sft,dft,eaft}`` (default eaft), ``--eaft-top-k`` (20), ``--eaft-alpha`` (1.0),
-    ``--eaft-entropy {topk,full}`` (topk), ``--eaft-conflict-entropy`` / ``--eaft-conflict-prob``
-    (0.15: thresholds of the logged confident-conflict share), ``--no-eaft-stats`` (log only the
-    losses, skipping the top-K pass that ``sft``/``dft`` otherwise add for the statistics).
+    ``--loss-type {sft,dft,eaft}``, ``--eaft-top-k``, ``--eaft-alpha``, ``--eaft-entropy
+    {topk,full}``, ``--eaft-conflict-entropy`` / ``--eaft-conflict-prob`` (thresholds of the
+    logged confident-conflict share), ``--no-eaft-stats`` (log only the losses, skipping the
+    top-K pass that ``sft``/``dft`` otherwise add for the statistics). Defaults: the fields of
+    :class:`.loss.EAFTLossConfig`.
     """
     group = parser.add_argument_group(title="EAFT (eaft_megatron)")
-    group.add_argument("--loss-type", choices=LOSS_TYPES, default="eaft",
+    group.add_argument("--loss-type", choices=LOSS_TYPES, default=_DEFAULTS.loss_type,
                        help="per-token weight: sft (1), dft (p_target**alpha), "
                             "eaft ((H/ln top_k)**alpha, detached)")
-    group.add_argument("--eaft-top-k", type=int, default=20,
+    group.add_argument("--eaft-top-k", type=int, default=_DEFAULTS.top_k,
                        help="K of the top-K entropy and of its ln K normaliser")
-    group.add_argument("--eaft-alpha", type=float, default=1.0, help="exponent of the gate")
-    group.add_argument("--eaft-entropy", choices=ENTROPY_MODES, default="topk",
+    group.add_argument("--eaft-alpha", type=float, default=_DEFAULTS.alpha,
+                       help="exponent of the gate")
+    group.add_argument("--eaft-entropy", choices=ENTROPY_MODES, default=_DEFAULTS.entropy,
                        help="entropy of the top-K renormalised softmax (the paper) or of the "
                             "full vocabulary (w = min(H/ln top_k, 1)**alpha)")
-    group.add_argument("--eaft-conflict-entropy", type=float, default=0.15,
+    group.add_argument("--eaft-conflict-entropy", type=float,
+                       default=_DEFAULTS.conflict_entropy,
                        help="logging: a token is confident when min(H/ln top_k, 1) is below this")
-    group.add_argument("--eaft-conflict-prob", type=float, default=0.15,
+    group.add_argument("--eaft-conflict-prob", type=float,
+                       default=_DEFAULTS.conflict_prob,
                        help="logging: ... and a conflict when p(label) is below this")
     group.add_argument("--no-eaft-stats", action="store_true",
                        help="do not compute gate weight / entropy / conflict statistics")
