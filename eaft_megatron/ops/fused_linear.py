@@ -20,7 +20,10 @@ GEMMs). Then the tensor-parallel reduction of ``grad_hidden`` that the bypassed 
 would have done: all-reduce, or reduce-scatter over the sequence with ``sequence_parallel``.
 
 Memory: chunk-sized logits buffers, the fp32 gradient of the hidden states ([N, h]) and of the
-weight ([V_l, h]) -- the latter is what the output layer's backward produces anyway.
+weight ([V_l, h]) -- the latter is what the output layer's backward produces anyway. On CUDA
+(``impl="auto"``) the per-chunk partials and ``dz`` come from the Triton kernels of
+:mod:`.triton_eaft`: ``dz`` is written over the chunk's logits (input dtype), so the chunk's
+logits are the only [n, V_l] buffer, and chunks are sized by that buffer's memory budget.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .gates import validate_gate_options
+from .triton_eaft import eaft_grad, eaft_partials, resolve_impl
 from .vocab_parallel import (
     MAX_TOP_TOKEN_VOCAB,
     EAFTTokenStats,
@@ -46,12 +50,19 @@ from .vocab_parallel import (
 # Tokens per chunk: at least 256 (below that the GEMMs lose efficiency: measured 1.33x the
 # unfused time with 65-token chunks, 1.06x with 256, on CPU), and more while the chunk's fp32
 # logits stay under the budget.
+# With the Triton kernels the chunk's logits (input dtype) are the only [n, V_l] buffer and become
+# the gradient in place: the budget bounds the loss part's memory (256 MiB: 883 tokens of bf16
+# logits at V_l = 151936, ~1/10 of the unfused loss-part memory at N = 8192; speed not measured).
 _MIN_CHUNK_TOKENS = 256
 _CHUNK_LOGITS_BYTES_CPU = 16 << 20
 _CHUNK_LOGITS_BYTES_GPU = 1 << 30
+_CHUNK_LOGITS_BYTES_TRITON = 256 << 20
 
 
-def default_chunk_tokens(vocab_local: int, device: torch.device) -> int:
+def default_chunk_tokens(vocab_local: int, device: torch.device, *, triton: bool = False,
+                         itemsize: int = 4) -> int:
+    if triton:
+        return max(_MIN_CHUNK_TOKENS, _CHUNK_LOGITS_BYTES_TRITON // (itemsize * vocab_local))
     budget = _CHUNK_LOGITS_BYTES_CPU if device.type == "cpu" else _CHUNK_LOGITS_BYTES_GPU
     return max(_MIN_CHUNK_TOKENS, budget // (4 * vocab_local))
 
@@ -67,7 +78,7 @@ class _FusedLinearEAFT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, loss_type, top_k, alpha, entropy_mode,
                 ignore_index, group, sequence_parallel, chunk_tokens, need_entropy, vocab_size,
-                want_top=False):
+                want_top=False, use_triton=False):
         rank, world = _group_rank_size(group)
         sp = sequence_parallel and world > 1
         full_hidden = _gather_sequence(hidden, group, world) if sp else hidden
@@ -91,8 +102,10 @@ class _FusedLinearEAFT(torch.autograd.Function):
         grad_hidden = torch.empty(n_tokens, h2.shape[1], **f32)
         grad_weight = torch.zeros(weight.shape, **f32)
         chunk = max(1, min(chunk_tokens, n_tokens))  # no tokens: no chunk, zero gradients
-        buf = torch.empty(chunk, vocab_local, **f32)
-        scratch = torch.empty(chunk, vocab_local, **f32) if want_full else None
+        # the PyTorch path's fp32 working buffers (the Triton kernels need none)
+        buf = None if use_triton else torch.empty(chunk, vocab_local, **f32)
+        scratch = torch.empty(chunk, vocab_local, **f32) if want_full and not use_triton \
+            else None
         for c0 in range(0, n_tokens, chunk):
             c1 = min(c0 + chunk, n_tokens)
             hc = h2[c0:c1]
@@ -100,12 +113,17 @@ class _FusedLinearEAFT(torch.autograd.Function):
             if first_padded < vocab_local:
                 logits[:, first_padded:] = torch.finfo(logits.dtype).min / 2
             part = torch.zeros(c1 - c0, columns, **f32)
-            part[:, 2] = logits.gather(1, local_index[c0:c1, None]).squeeze(1)
-            part[:, 2].masked_fill_(~owned[c0:c1], 0.0)
-            b = buf[: c1 - c0]
-            local_partials(logits, b, part, k_local=k_local, full=want_full, scratch=scratch,
-                           top_offset=top_offset)
-            del logits
+            if use_triton:
+                label_local = torch.where(owned[c0:c1], local_index[c0:c1], -1)
+                eaft_partials(logits, label_local, part, k_local=k_local, full=want_full,
+                              top_offset=top_offset)
+            else:
+                part[:, 2] = logits.gather(1, local_index[c0:c1, None]).squeeze(1)
+                part[:, 2].masked_fill_(~owned[c0:c1], 0.0)
+                b = buf[: c1 - c0]
+                local_partials(logits, b, part, k_local=k_local, full=want_full,
+                               scratch=scratch, top_offset=top_offset)
+                del logits
             merged = merge_partials(_all_gather_partials(part, group, world), rank=rank,
                                     full=want_full, k_local=k_local, top_k=top_k, top=want_top)
             w, loss = weighted_loss(merged, valid[c0:c1], loss_type=loss_type, top_k=top_k,
@@ -120,10 +138,17 @@ class _FusedLinearEAFT(torch.autograd.Function):
             if merged.top_token is not None:
                 top_token[c0:c1] = torch.where(valid[c0:c1], merged.top_token, -1)
             # dz for an upstream gradient of 1: w * (softmax - onehot), formed in place in b
-            b.mul_((w * merged.softmax_scale)[:, None])
-            rows = owned[c0:c1].nonzero().squeeze(1)
-            b[rows, local_index[c0:c1][rows]] -= w[rows]
+            # (Triton: in the input dtype, over the chunk's logits)
+            if use_triton:
+                eaft_grad(logits, logits, label_local, w, part[:, 0].contiguous(),
+                          merged.softmax_scale)
+                b = logits
+            else:
+                b.mul_((w * merged.softmax_scale)[:, None])
+                rows = owned[c0:c1].nonzero().squeeze(1)
+                b[rows, local_index[c0:c1][rows]] -= w[rows]
             _accumulate_grads(b, hc, weight, grad_hidden[c0:c1], grad_weight)
+            del b
         ctx.save_for_backward(hidden, weight, grad_hidden, grad_weight, out["w"], out["lse"],
                               local_index, owned)
         ctx.group, ctx.world, ctx.sp, ctx.chunk = group, world, sp, chunk
@@ -161,14 +186,14 @@ class _FusedLinearEAFT(torch.autograd.Function):
                 grad_hidden = out
             else:
                 dist.all_reduce(grad_hidden, group=ctx.group)
-        return (grad_hidden.view(hidden.shape), grad_weight.to(weight.dtype)) + (None,) * 12
+        return (grad_hidden.view(hidden.shape), grad_weight.to(weight.dtype)) + (None,) * 13
 
 
 def _accumulate_grads(dz: torch.Tensor, hc: torch.Tensor, weight: torch.Tensor,
                       grad_hidden: torch.Tensor, grad_weight: torch.Tensor) -> None:
     """grad_hidden (chunk rows) = dz @ weight; grad_weight += dz.T @ hidden_chunk.
 
-    ``dz`` is fp32 [n, V_l]. fp32 weights: both GEMMs in fp32, the weight gradient accumulated
+    ``dz`` is [n, V_l], fp32 (or the weight's dtype, from the Triton kernel). fp32 weights: both GEMMs in fp32, the weight gradient accumulated
     in place (no weight-sized temporary). Lower precision: GEMMs in the weight's dtype, as the
     output layer's own backward, accumulated into the fp32 buffer.
     """
@@ -215,6 +240,7 @@ def fused_linear_eaft_cross_entropy(
     tp_group: "dist.ProcessGroup | None" = None,
     return_stats: bool = False,
     vocab_size: int | None = None,
+    impl: str = "auto",
 ):
     """Per-token EAFT loss of ``hidden @ weight.T`` without materialising the logits.
 
@@ -223,12 +249,16 @@ def fused_linear_eaft_cross_entropy(
         weight: ``[V/tp, h]`` this rank's shard of the output-layer (or tied embedding) weight.
         target: ``[s, b]`` global token ids, ``ignore_index`` for unsupervised tokens.
         sequence_parallel: the hidden states are split over the sequence across TP ranks.
-        chunk_tokens: tokens per chunk (default: >= 256, more while the chunk's fp32
-            logits stay under 16 MiB on CPU / 1 GiB on GPU).
+        chunk_tokens: tokens per chunk (default: >= 256, more while the chunk's logits stay
+            under a memory budget: with the Triton kernels 256 MiB of logits in the input dtype,
+            else fp32 logits under 16 MiB on CPU / 1 GiB on GPU).
         loss_type, top_k, alpha, entropy, ignore_index, tp_group, return_stats: as in
             :func:`vocab_parallel_eaft_cross_entropy`.
         vocab_size: the real vocabulary when ``weight`` holds padded rows (Megatron pads to a
             multiple of 128 x tp): logits of ids >= vocab_size are left out of the softmax.
+        impl: ``"auto"`` (the Triton kernels on CUDA, with the gradient written over each
+            chunk's logits, which nothing else reads; the PyTorch path on CPU), ``"triton"``,
+            ``"torch"``: as in :func:`vocab_parallel_eaft_cross_entropy`.
 
     Returns the per-token loss ``[s, b]`` float32 (and :class:`EAFTTokenStats` with
     ``return_stats``). Collectives: with sequence parallelism an all-gather of the hidden
@@ -250,17 +280,22 @@ def fused_linear_eaft_cross_entropy(
                     vocab_local=weight.shape[0], world=world, ignore_index=ignore_index,
                     device=hidden.device, what=f"the tokens of hidden {tuple(hidden.shape)} "
                     f"(sequence_parallel={sequence_parallel}, tp={world})")
+    need_entropy = loss_type == "eaft" or return_stats
+    k_local = min(top_k, weight.shape[0]) if need_entropy and entropy == "topk" else 0
+    use_triton = resolve_impl(impl, k_local=k_local, device=hidden.device,
+                              dtype=weight.dtype) == "triton"
     if chunk_tokens is None:
-        chunk_tokens = default_chunk_tokens(weight.shape[0], hidden.device)
+        chunk_tokens = default_chunk_tokens(weight.shape[0], hidden.device, triton=use_triton,
+                                            itemsize=weight.element_size())
     elif chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    need_entropy = loss_type == "eaft" or return_stats
     if return_stats and weight.shape[0] * world > MAX_TOP_TOKEN_VOCAB:
         raise ValueError(f"return_stats supports vocabularies up to {MAX_TOP_TOKEN_VOCAB} ids "
                          f"(top_token travels as float32), got {weight.shape[0] * world}")
     loss, ce, prob, ent, w, mask, top = _FusedLinearEAFT.apply(
         hidden, weight, target.long(), loss_type, top_k, float(alpha), entropy, ignore_index,
-        group, sequence_parallel, chunk_tokens, need_entropy, vocab_size, return_stats)
+        group, sequence_parallel, chunk_tokens, need_entropy, vocab_size, return_stats,
+        use_triton)
     if return_stats:
         return loss, EAFTTokenStats(cross_entropy=ce, target_prob=prob, entropy=ent, weight=w,
                                     mask=mask, top_token=top)

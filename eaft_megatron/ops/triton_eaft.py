@@ -80,23 +80,27 @@ def triton_problem() -> str | None:
     return None
 
 
-def resolve_impl(impl: str, logits: torch.Tensor, *, k_local: int) -> str:
-    """``"triton"`` or ``"torch"`` for these logits; ``ValueError``/``RuntimeError`` (one line)
+def resolve_impl(impl: str, logits: torch.Tensor | None = None, *, k_local: int,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> str:
+    """``"triton"`` or ``"torch"`` for these logits (or, without them, for logits of ``dtype``
+    on ``device`` that the caller makes contiguous); ``ValueError``/``RuntimeError`` (one line)
     when ``impl="triton"`` cannot run; ``impl="auto"`` falls back to torch with a log line."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "torch":
         return "torch"
-    on_gpu = logits.device.type == "cuda"
+    if logits is not None:
+        device, dtype = logits.device, logits.dtype
+    on_gpu = device.type == "cuda"
     if impl == "auto" and not on_gpu:
         return "torch"  # the PyTorch path is the CPU implementation
     if not on_gpu and not interpreting():
         raise ValueError(f"impl='triton' needs CUDA logits (or TRITON_INTERPRET=1, Triton's CPU "
-                         f"interpreter, for tests); got logits on {logits.device}")
+                         f"interpreter, for tests); got logits on {device}")
     problem = triton_problem()
-    if problem is None and logits.dtype not in SUPPORTED_DTYPES:
-        problem = f"dtype {logits.dtype} is not supported (fp32, fp16, bf16)"
-    if problem is None and not logits.is_contiguous():
+    if problem is None and dtype not in SUPPORTED_DTYPES:
+        problem = f"dtype {dtype} is not supported (fp32, fp16, bf16)"
+    if problem is None and logits is not None and not logits.is_contiguous():
         problem = (f"logits must be contiguous, got shape {tuple(logits.shape)} with strides "
                    f"{logits.stride()}")
     if problem is None and k_local > MAX_TRITON_TOP_K:

@@ -21,10 +21,7 @@ import torch
 from eaft_megatron import vocab_parallel_eaft_cross_entropy
 from tests.ops.reference import make_case, reference_eaft
 
-try:  # the spawn helper's home while issue 20 reorganises tests/
-    from tests.support.launch import spawn
-except ImportError:  # pragma: no cover
-    from tests.distributed import spawn
+from tests.support.launch import spawn
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed")
@@ -134,7 +131,38 @@ def _worker(rank, world):
     else:
         _compare(0, 1, None, x1[3:6], t1[3:6], top_k=64, loss_type="sft", what="tp1 sft k64")
         _check_inplace_and_errors(x1.float(), t1)
+    _check_fused(rank)
     return True
+
+
+def _check_fused(rank):
+    """The fused output layer + loss with the Triton kernels (gradient written over each chunk's
+    logits) against its PyTorch path: same loss, statistics and gradients; padded vocabulary."""
+    from eaft_megatron import fused_linear_eaft_cross_entropy
+
+    gen = torch.Generator().manual_seed(11)
+    s, b, h, vocab = 4, 2, 16, 100
+    hidden = torch.randn(s, b, h, generator=gen)
+    weight = torch.randn(vocab, h, generator=gen) * 0.6
+    weight[3] *= 8
+    target = torch.randint(0, 90, (s, b), generator=gen)
+    target[0, 0] = -100
+    grad = torch.rand(s, b, generator=gen) + 0.5  # arbitrary upstream: the recompute path too
+    kw = dict(loss_type=("eaft", "dft")[rank], entropy="full", chunk_tokens=3, vocab_size=90,
+              return_stats=True)
+    out = {}
+    for impl in ("triton", "torch"):
+        for g in (grad, (target != -100).float() * 0.25):  # arbitrary, Megatron's constant
+            hh, ww = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            loss, stats = fused_linear_eaft_cross_entropy(hh, ww, target, impl=impl, **kw)
+            (loss * g).sum().backward()
+            out.setdefault(impl, []).append((loss, *stats, hh.grad, ww.grad))
+    for got, ref in zip(out["triton"], out["torch"]):
+        for a, e in zip(got, ref):
+            if a.is_floating_point():
+                torch.testing.assert_close(a, e, atol=2e-5, rtol=2e-5)
+            else:
+                assert torch.equal(a, e)
 
 
 def _check_inplace_and_errors(x, target):
