@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..ops import ENTROPY_MODES, LOSS_TYPES
+from ..ops import ENTROPY_MODES, IMPLS, LOSS_TYPES
 from .loss import EAFTLossConfig
 
 __all__ = ["add_eaft_args"]
@@ -22,7 +22,8 @@ def add_eaft_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ``--loss-type {sft,dft,eaft}``, ``--eaft-top-k``, ``--eaft-alpha``, ``--eaft-entropy
     {topk,full}``, ``--eaft-conflict-entropy`` / ``--eaft-conflict-prob`` (thresholds of the
     logged confident-conflict share), ``--no-eaft-stats`` (log only the losses, skipping the
-    top-K pass that ``sft``/``dft`` otherwise add for the statistics). Defaults: the fields of
+    top-K pass that ``sft``/``dft`` otherwise add for the statistics), ``--eaft-impl
+    {auto,triton,torch}`` (the loss op's kernels). Defaults: the fields of
     :class:`.loss.EAFTLossConfig`.
     """
     group = parser.add_argument_group(title="EAFT (eaft_megatron)")
@@ -47,4 +48,8 @@ def add_eaft_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--eaft-fused-linear", action="store_true",
                        help="fuse the output layer into the loss (Megatron-Core's "
                             "output_processor hook): the logits are never materialised")
+    group.add_argument("--eaft-impl", choices=IMPLS, default=_DEFAULTS.impl,
+                       help="kernels of the loss op: auto (Triton on CUDA, PyTorch on CPU; "
+                            "falls back to PyTorch with a log line when Triton cannot run), "
+                            "triton, torch")
     return parser

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from ..ops import ENTROPY_MODES, LOSS_TYPES, EAFTTokenStats, validate_gate_options
+from ..ops import ENTROPY_MODES, IMPLS, LOSS_TYPES, EAFTTokenStats, validate_gate_options
 
 __all__ = [
     "EAFTLossConfig",
@@ -88,6 +88,9 @@ class EAFTLossConfig:
     the Hugging Face model (a converted checkpoint's padding rows are zeros, whose logits would
     otherwise add ``pad * exp(0)`` to every partition function). None: use every logit, as
     Megatron's own loss does."""
+    impl: str = "auto"
+    """Kernels of the loss op: ``auto`` (Triton on CUDA, PyTorch on CPU), ``triton`` or
+    ``torch`` (see ``vocab_parallel_eaft_cross_entropy``)."""
 
     def __post_init__(self) -> None:
         validate_gate_options(loss_type=self.loss_type, top_k=self.top_k, alpha=self.alpha,
@@ -98,6 +101,8 @@ class EAFTLossConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1 or None, got {self.vocab_size}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
 
     @classmethod
     def from_args(cls, args: Any, **overrides: Any) -> "EAFTLossConfig":
@@ -105,7 +110,8 @@ class EAFTLossConfig:
         kwargs = dict(loss_type=args.loss_type, top_k=args.eaft_top_k, alpha=args.eaft_alpha,
                       entropy=args.eaft_entropy, stats=not args.no_eaft_stats,
                       conflict_entropy=args.eaft_conflict_entropy,
-                      conflict_prob=args.eaft_conflict_prob)
+                      conflict_prob=args.eaft_conflict_prob,
+                      impl=getattr(args, "eaft_impl", "auto"))
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -193,7 +199,7 @@ class EAFTLanguageModelLoss:
         out = vocab_parallel_eaft_cross_entropy(
             logits, target, loss_type=c.loss_type, top_k=c.top_k, alpha=c.alpha,
             entropy=c.entropy, ignore_index=c.ignore_index, tp_group=group,
-            return_stats=c.stats,
+            return_stats=c.stats, impl=c.impl,
         )
         return _batch_major(out, c.stats)
 
@@ -220,7 +226,7 @@ def eaft_output_processor(*, hidden_states, output_layer, output_weight, labels,
         sequence_parallel=bool(getattr(output_layer, "sequence_parallel", False)),
         loss_type=c.loss_type, top_k=c.top_k, alpha=c.alpha, entropy=c.entropy,
         ignore_index=c.ignore_index, tp_group=getattr(output_layer, "tp_group", None),
-        return_stats=c.stats, vocab_size=c.vocab_size,
+        return_stats=c.stats, vocab_size=c.vocab_size, impl=c.impl,
     )
     return _batch_major(out, c.stats)
 

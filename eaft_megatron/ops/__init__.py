@@ -2,10 +2,12 @@
 
 from .fused_linear import fused_linear_eaft_cross_entropy
 from .gates import ENTROPY_MODES, LOSS_TYPES, token_weight, validate_gate_options
+from .triton_eaft import IMPLS
 from .vocab_parallel import EAFTTokenStats, vocab_parallel_eaft_cross_entropy
 
 __all__ = [
     "ENTROPY_MODES",
+    "IMPLS",
     "LOSS_TYPES",
     "EAFTTokenStats",
     "fused_linear_eaft_cross_entropy",

@@ -208,3 +208,17 @@ def test_impl_option_errors_without_the_interpreter(monkeypatch):
     loss = vocab_parallel_eaft_cross_entropy(logits.float(), target)
     ref, *_ = reference_eaft(logits.float().double(), target)
     torch.testing.assert_close(loss.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_eaft_impl_flag_reaches_the_loss_config():
+    import argparse
+
+    from eaft_megatron.megatron import EAFTLossConfig, add_eaft_args
+
+    parser = add_eaft_args(argparse.ArgumentParser())
+    assert EAFTLossConfig.from_args(parser.parse_args([])).impl == "auto"
+    assert EAFTLossConfig.from_args(parser.parse_args(["--eaft-impl", "torch"])).impl == "torch"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--eaft-impl", "cuda"])
+    with pytest.raises(ValueError, match="impl must be one of"):
+        EAFTLossConfig(impl="cuda")
