@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.launch import ROOT, build_tiny, check, free_port, run_train, subprocess_env
+from tests.support.launch import (ROOT, check, copy_tiny, free_port, run_train,
+                                  subprocess_env)
 
 COMMON = ["--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-3",
           "--log-interval", "1", "--seed", "1234", "--eval-iters", "0",
@@ -33,8 +34,8 @@ COMMON = ["--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-3",
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("safeload"))
+def tiny(tmp_path_factory, tiny_inputs):
+    return copy_tiny(tiny_inputs, tmp_path_factory.mktemp("safeload"))
 
 
 @pytest.fixture(scope="module")

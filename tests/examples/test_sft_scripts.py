@@ -4,19 +4,16 @@ promises, with the restart idiom of ``common.sh``: the identical command run aga
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.launch import ROOT, copy_tiny, subprocess_env
 
 
-def test_single_node_script_runs_on_cpu_and_reruns(tmp_path):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    subprocess.run([sys.executable, "-m", "tests.support.fixtures", str(tmp_path)], cwd=ROOT,
-                   env=env, check=True, capture_output=True, timeout=300)
+def test_single_node_script_runs_on_cpu_and_reruns(tmp_path, tiny_inputs):
+    env = subprocess_env()
+    copy_tiny(tiny_inputs, tmp_path)
     # torchrun of this interpreter first; no nvidia-smi on the PATH: the CPU path
     env.update(PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin", MODEL="qwen3-4b", TP="1",
                PP="1", SEQ="32", MBS="1", GBS="4", ITERS="2", CKPT=str(tmp_path / "mcore"),

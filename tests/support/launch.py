@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import shutil
 import socket
 import subprocess
 import sys
@@ -47,6 +48,9 @@ def _worker(rank, world_size, port, fn, args, env, results):
         WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
     )
+    from eaft_megatron.compat.lazy_compile import defer_torch_compile
+
+    defer_torch_compile()  # as the command-line entry points do, before megatron's import
     import torch
     import torch.distributed as dist
 
@@ -134,7 +138,19 @@ def build_tiny(root: Path) -> dict:
     """``fixtures.py``'s tiny Qwen3 (HF + converted checkpoint) and data, built in a child."""
     subprocess.run([sys.executable, "-m", "tests.support.fixtures", str(root)], cwd=ROOT,
                    env=subprocess_env(), check=True, capture_output=True, timeout=300)
-    return dict(root=root, ckpt=root / "mcore", data=root / "data" / "train")
+    return tiny_paths(root)
+
+
+def tiny_paths(root: Path) -> dict:
+    """Where ``fixtures.build_all`` put its pieces under ``root``."""
+    return dict(root=root, hf=root / "hf_model", ckpt=root / "mcore", data=root / "data" / "train")
+
+
+def copy_tiny(built: Path, root: Path) -> dict:
+    """A private copy under ``root`` of the tiny inputs built once per session (``tiny_inputs``
+    in ``tests/conftest.py``): each test file writes its runs next to its own copy."""
+    shutil.copytree(built, root, dirs_exist_ok=True)
+    return tiny_paths(root)
 
 
 def run_train(log_dir: Path, *args: str, nproc: int = 1, timeout: float = 300) -> Run:

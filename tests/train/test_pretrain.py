@@ -22,14 +22,13 @@ Proofs:
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.support.launch import ROOT, check, run_train
+from tests.support.launch import ROOT, check, copy_tiny, run_train, subprocess_env
 
 REL = 1e-5
 TOP_K = 20
@@ -40,12 +39,8 @@ EVAL_ALL = ("--eval-iters", "6")  # 6 x 4 = the 24 stored samples, in stored ord
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
-    subprocess.run([sys.executable, "-m", "tests.support.fixtures", str(root)], cwd=ROOT,
-                   env=env, check=True, capture_output=True, timeout=300)
-    return dict(root=root, hf=root / "hf_model", ckpt=root / "mcore", data=root / "data" / "train")
+def tiny(tmp_path_factory, tiny_inputs):
+    return copy_tiny(tiny_inputs, tmp_path_factory.mktemp("train"))
 
 
 def _common(tiny) -> list[str]:
@@ -164,11 +159,10 @@ def test_eaft_training_lowers_the_loss(straight, evaluated):
 
 def test_trainer_checkpoint_converts_back_to_hf(tiny, straight):
     out = tiny["root"] / "hf_trained"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
     subprocess.run([sys.executable, "-m", "eaft_megatron", "convert", "megatron-to-hf",
                     "--megatron", str(tiny["root"] / "straight"), "--out", str(out),
-                    "--dtype", "fp32"], cwd=ROOT, env=env, check=True, capture_output=True,
-                   timeout=300)
+                    "--dtype", "fp32"], cwd=ROOT, env=subprocess_env(), check=True,
+                   capture_output=True, timeout=300)
     ref = _hf_reference(out, tiny["data"])
     assert straight.of("valid")[-1]["lm_loss"] == pytest.approx(ref["ce"], rel=REL)
 

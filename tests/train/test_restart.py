@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support.launch import (ROOT, build_tiny, check, run_train, subprocess_env,
+from tests.support.launch import (ROOT, check, copy_tiny, run_train, subprocess_env,
                                   torchrun)
 
 REL = 1e-5
@@ -31,8 +31,8 @@ ITERS = 24  # long enough that the kill below lands mid-run
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("restart"))
+def tiny(tmp_path_factory, tiny_inputs):
+    return copy_tiny(tiny_inputs, tmp_path_factory.mktemp("restart"))
 
 
 def _fake_checkpoint(root: Path, iterations: list[int], tracker: int | None,
