@@ -217,7 +217,8 @@ def moe_config_from_hf(hf_config: Any, arch: ArchSpec | None = None) -> dict[str
     d = ModelDims.from_hf(hf_config)
     name = arch.hf_architecture
     topk = int(hf_config.num_experts_per_tok)
-    norm_topk = bool(getattr(hf_config, "norm_topk_prob", False))
+    norm_topk = moe.norm_topk_prob if moe.norm_topk_prob is not None else \
+        bool(getattr(hf_config, "norm_topk_prob", False))
     if not d.num_experts or not 0 < topk <= d.num_experts:
         raise ValueError(f"{name}: num_experts_per_tok={topk} with {d.num_experts} experts")
     pattern = list(arch.moe_layers(hf_config))

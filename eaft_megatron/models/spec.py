@@ -452,6 +452,9 @@ class MoESpec:
     """HF attribute of the routed-output scale (GLM: ``routed_scaling_factor``)."""
     router_fp32: bool = False
     """The HF router computes its logits in fp32 whatever the model dtype (GLM-4.5)."""
+    norm_topk_prob: bool | None = None
+    """Whether the top-k probabilities are renormalised, when the architecture fixes it
+    (Qwen3.5-MoE always does, without a config field); None: read ``norm_topk_prob``."""
 
 
 @dataclass(frozen=True)
