@@ -8,8 +8,9 @@ Megatron's upstream gradient (a constant on supervised tokens). Reports median t
 fused / unfused, and peak memory added on top of the inputs (hidden states and weight; CPU:
 peak RSS reset through ``/proc/self/clear_refs``; GPU: ``max_memory_allocated``), gradients
 included; ``loss_part`` is that peak minus the gradients every path returns (the logits, their
-fp32 working copy, chunk buffers). Also megatron-core's own output layer + ``vocab_parallel_cross_entropy`` as a
-reference row. Results: ``benchmarks/results/fused_<device>.csv``.
+fp32 working copy, chunk buffers). Also megatron-core's own output layer +
+``vocab_parallel_cross_entropy`` as a reference row. Results:
+``benchmarks/results/fused_<device>.csv``.
 """
 
 from __future__ import annotations

@@ -166,8 +166,8 @@ def main(argv=None) -> int:
             optimizer_ms=round(med(provider, "optimizer"), 2),
             iteration_vs_sft=round(med(provider, "iteration") / base, 4),
         ))
-    cols = ["provider", "iteration_ms", "iteration_min_ms", "forward_ms", "loss_ms", "backward_ms", "optimizer_ms",
-            "iteration_vs_sft"]
+    cols = ["provider", "iteration_ms", "iteration_min_ms", "forward_ms", "loss_ms", "backward_ms",
+            "optimizer_ms", "iteration_vs_sft"]
     print(f"\n{device.type} {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{args.layers} layers x hidden {args.hidden}, vocab {args.vocab}, "

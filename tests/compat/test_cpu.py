@@ -69,7 +69,8 @@ def _build_gpt(*, tie: bool):
     tensor_parallel.model_parallel_cuda_manual_seed(SEED)  # also reseeds the CPU generator
     hf = transformers.Qwen2Config(
         architectures=["Qwen2ForCausalLM"], hidden_size=64, intermediate_size=96,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=SEQ, tie_word_embeddings=tie)
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+        max_position_embeddings=SEQ, tie_word_embeddings=tie)
     return build_gpt_model(
         hf, padded_vocab=VOCAB, transformer_impl="local",
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),

@@ -62,11 +62,14 @@ def test_round_trip_bit_exact_and_config(hf_models, tmp_path, case):
     assert meta["padded_vocab_size"] % 256 == 0 and meta["vocab_size"] == config.vocab_size
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "0"
     assert (ckpt / "iter_0000000" / ".metadata").is_file()
-    assert (ckpt / "hf" / "config.json").is_file() and (ckpt / "hf" / "tokenizer_config.json").is_file()
+    assert (ckpt / "hf" / "config.json").is_file()
+    assert (ckpt / "hf" / "tokenizer_config.json").is_file()
     out = megatron_to_hf(ckpt, tmp_path / "hf", progress=False)
     _assert_bit_exact(_read_hf(src), _read_hf(out))
-    assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
-    assert (out / "tokenizer_config.json").read_text() == (src / "tokenizer_config.json").read_text()
+    assert (json.loads((out / "config.json").read_text())
+            == json.loads((src / "config.json").read_text()))
+    assert ((out / "tokenizer_config.json").read_text()
+            == (src / "tokenizer_config.json").read_text())
     assert not list(tmp_path.glob(".*tmp*")), "temporary directories left behind"
 
 

@@ -85,6 +85,6 @@ def test_hf_missing_tensor_is_named(converted, tmp_path, missing):
     save_file(tensors, str(broken / "model.safetensors"))
     with pytest.raises(ConversionError) as e:
         hf_to_megatron(broken, tmp_path / "out", progress=False)
-    assert "\n" not in str(e.value) and f"lacks 1 tensor(s)" in str(e.value)
+    assert "\n" not in str(e.value) and "lacks 1 tensor(s)" in str(e.value)
     assert repr(missing) in str(e.value)
     assert not (tmp_path / "out").exists()

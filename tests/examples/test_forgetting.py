@@ -13,8 +13,8 @@ RUN = Path(__file__).resolve().parents[2] / "examples" / "forgetting" / "run.py"
 
 
 def _run(*args: str) -> str:
-    proc = subprocess.run([sys.executable, str(RUN), "--quick", *args], capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run([sys.executable, str(RUN), "--quick", *args], capture_output=True,
+                          text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
 

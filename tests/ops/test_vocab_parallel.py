@@ -168,7 +168,8 @@ def test_non_finite_logits_are_not_hidden():
     target = torch.tensor([0, 1, 2, 3])
     for loss_type in LOSS_TYPES:
         for entropy in ENTROPIES:
-            loss = vocab_parallel_eaft_cross_entropy(x, target, loss_type=loss_type, entropy=entropy)
+            loss = vocab_parallel_eaft_cross_entropy(x, target, loss_type=loss_type,
+                                                     entropy=entropy)
             assert torch.isfinite(loss[[0, 3]]).all(), (loss_type, entropy)
             assert not torch.isfinite(loss[1]) and not torch.isfinite(loss[2]), (loss_type, entropy)
 
@@ -295,7 +296,8 @@ def _megatron_peer_worker(rank, world):
     g = torch.rand(6, 4, generator=torch.Generator().manual_seed(0)) * valid
 
     ours_in = shard.clone().requires_grad_()
-    ours = vocab_parallel_eaft_cross_entropy(ours_in, tgt, loss_type="sft", tp_group=dist.group.WORLD)
+    ours = vocab_parallel_eaft_cross_entropy(ours_in, tgt, loss_type="sft",
+                                             tp_group=dist.group.WORLD)
     (ours * g).sum().backward()
     theirs_in = shard.clone().requires_grad_()
     theirs = vocab_parallel_cross_entropy(theirs_in.clone(), tgt, tp_group=dist.group.WORLD)

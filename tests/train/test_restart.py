@@ -113,9 +113,10 @@ def test_argument_mistakes_are_named(tmp_path, tiny):
     assert flag_value(argv, "--load") == ckpt and "--finetune" in argv
     assert "--pretrained-checkpoint" not in argv and flag_value(argv, "--seq-length") == "32"
     cases = [
-        (["--data-path", data + "x"], r"--data-path .*trainx: not a complete prepared dataset "
-                                      r"\(expected trainx_tokens.bin/.idx, .*trainx_summary.json.* in .*; "
-                                      r"prepared prefixes in .*data/train$"),
+        (["--data-path", data + "x"],
+         r"--data-path .*trainx: not a complete prepared dataset "
+         r"\(expected trainx_tokens.bin/.idx, .*trainx_summary.json.* in .*; "
+         r"prepared prefixes in .*data/train$"),
         (["--data-path", data, "--valid-data-path", str(tmp_path / "v")], "--valid-data-path"),
         (["--tensor-model-parallel-size", "3"], "does not divide the model's 4 attention heads"),
         (["--pipeline-model-parallel-size", "3"], "does not divide the model's 2 layers"),
