@@ -17,6 +17,7 @@ from .qwen2_moe import QWEN2_MOE
 from .qwen3 import QWEN3
 from .qwen3_5 import QWEN3_5, QWEN3_5_VL
 from .qwen3_5_moe import QWEN3_5_MOE, QWEN3_5_MOE_VL
+from .qwen3_next import QWEN3_NEXT
 from .qwen3_moe import QWEN3_MOE
 from .spec import ArchSpec
 
@@ -25,7 +26,8 @@ __all__ = ["ARCHITECTURES", "UNSUPPORTED", "get_arch"]
 ARCHITECTURES: dict[str, ArchSpec] = {
     a.hf_architecture: a for a in (QWEN2, QWEN3, GLM, GLM4, QWEN2_MOE, QWEN3_MOE, GLM4_MOE,
                                    GLM4_MOE_LITE,
-                                   QWEN3_5, QWEN3_5_VL, QWEN3_5_MOE, QWEN3_5_MOE_VL)}
+                                   QWEN3_5, QWEN3_5_VL, QWEN3_5_MOE, QWEN3_5_MOE_VL,
+                                   QWEN3_NEXT)}
 
 
 # Architectures that transformers 5.x ships next to the supported ones and that are refused with

@@ -39,16 +39,19 @@ from .transforms import (
     cut_vocab,
     merge_gated,
     merge_qkv,
+    group_qkvz_ba,
     merge_qkv_gate,
     pad_vocab,
     split_gated,
     split_qkv,
     split_qkv_gate,
+    ungroup_qkvz_ba,
 )
 
 __all__ = [
     "ArchSpec",
     "DeltaNetInProj",
+    "DeltaNetGroupedInProj",
     "FusedQKV",
     "FusedQKVGate",
     "GatedMLP",
@@ -416,6 +419,33 @@ class DeltaNetInProj(Mapping):
     def to_hf(self, t, dims):
         sizes = [s[0] for s in self.hf_shapes(tuple(t.shape), dims)]
         return tuple(p.contiguous() for p in torch.split(t, sizes, dim=0))
+
+
+@dataclass(frozen=True)
+class DeltaNetGroupedInProj(Mapping):
+    """Gated DeltaNet ``in_proj`` <- Qwen3-Next's two fused projections, grouped by key head
+    (``in_proj_qkvz``: per key head ``[q; k; v; z]``, ``in_proj_ba``: per key head ``[b; a]``),
+    regrouped into megatron's ``[q; k; v; z; b; a]`` over all heads (``transforms``'s
+    :func:`ungroup_qkvz_ba`)."""
+
+    qkvz: str = ""
+    ba: str = ""
+    hf_fields: ClassVar[tuple[str, ...]] = ("qkvz", "ba")
+
+    def _sizes(self, dims):
+        return dict(key_heads=dims.linear_key_heads, key_dim=dims.linear_key_head_dim,
+                    value_heads=dims.linear_value_heads, value_dim=dims.linear_value_head_dim)
+
+    def hf_shapes(self, megatron_shape, dims):
+        rest = megatron_shape[1:]
+        return ((dims.linear_conv_dim + dims.linear_v_dim, *rest),
+                (2 * dims.linear_value_heads, *rest))
+
+    def to_megatron(self, hf, dims, padded_vocab):
+        return ungroup_qkvz_ba(*hf, **self._sizes(dims))
+
+    def to_hf(self, t, dims):
+        return group_qkvz_ba(t, **self._sizes(dims))
 
 
 def _qwen_moe_layers(hf_config: Any) -> list[int]:

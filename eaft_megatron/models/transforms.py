@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "cut_vocab",
     "fill_layer",
+    "group_qkvz_ba",
     "merge_gated",
     "merge_qkv",
     "merge_qkv_gate",
@@ -28,6 +29,7 @@ __all__ = [
     "split_qkv_gate",
     "tp_shard",
     "tp_unshard",
+    "ungroup_qkvz_ba",
 ]
 
 
@@ -149,6 +151,39 @@ def split_qkv_gate(
 
 
 # --- gated MLP (SwiGLU) ----------------------------------------------------------------------
+
+
+def ungroup_qkvz_ba(
+    qkvz: torch.Tensor, ba: torch.Tensor, *, key_heads: int, key_dim: int, value_heads: int,
+    value_dim: int
+) -> torch.Tensor:
+    """Megatron's DeltaNet ``in_proj`` (``[q; k; v; z; b; a]``, each over all heads) from
+    Qwen3-Next's fused projections, which group everything by key head: ``in_proj_qkvz`` is,
+    per key head g, ``[q_g (dk); k_g (dk); v_g (r*dv); z_g (r*dv)]`` and ``in_proj_ba`` is
+    ``[b_g (r); a_g (r)]``, with r = value heads per key head (value head g*r + j).
+
+    Shapes: qkvz [Hk*(2dk + 2r*dv), *rest], ba [Hk*2r, *rest] -> [2Hk*dk + 2Hv*dv + 2Hv, *rest].
+    """
+    hk, dk, hv, dv = key_heads, key_dim, value_heads, value_dim
+    if hv % hk:
+        raise ValueError(f"{hv} value heads are not a multiple of {hk} key heads")
+    r, rest = hv // hk, _shape(qkvz)[1:]
+    per = qkvz.reshape(hk, 2 * dk + 2 * r * dv, *rest)
+    q, k, v, z = torch.split(per, [dk, dk, r * dv, r * dv], dim=1)
+    b, a = torch.split(ba.reshape(hk, 2 * r, *rest), [r, r], dim=1)
+    return torch.cat([x.reshape(-1, *rest) for x in (q, k, v, z, b, a)], dim=0)
+
+
+def group_qkvz_ba(
+    in_proj: torch.Tensor, *, key_heads: int, key_dim: int, value_heads: int, value_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`ungroup_qkvz_ba`: (in_proj_qkvz, in_proj_ba), contiguous."""
+    hk, dk, hv, dv = key_heads, key_dim, value_heads, value_dim
+    r, rest = hv // hk, _shape(in_proj)[1:]
+    sizes = [hk * dk, hk * dk, hv * dv, hv * dv, hv, hv]
+    q, k, v, z, b, a = (x.reshape(hk, -1, *rest) for x in torch.split(in_proj, sizes, dim=0))
+    qkvz = torch.cat([q, k, v, z], dim=1).reshape(-1, *rest).contiguous()
+    return qkvz, torch.cat([b, a], dim=1).reshape(-1, *rest).contiguous()
 
 
 def merge_gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

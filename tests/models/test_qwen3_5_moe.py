@@ -1,15 +1,17 @@
-"""Qwen3.5-MoE (gated-DeltaNet hybrid + routed experts + gated shared expert) against
-transformers, on real gloo groups with expert parallelism.
+"""Qwen3.5-MoE and Qwen3-Next (gated-DeltaNet hybrids + routed experts + gated shared expert)
+against transformers, on real gloo groups with expert parallelism.
 
     python -m pytest -q tests/models/test_qwen3_5_moe.py
 
 Two tiny random models saved by transformers (experts one tensor per expert, as
 ``save_pretrained`` writes them): ``Qwen3_5MoeForCausalLM`` (3 DeltaNet layers + 1 gated
 attention, untied) and ``Qwen3_5MoeForConditionalGeneration`` (alternating layers, tied, a vision
-tower carried through). 8 experts, top-2 from a peaked router, a shared expert with
+tower carried through), and ``Qwen3NextForCausalLM`` (fused, key-head-grouped ``in_proj_qkvz`` /
+``in_proj_ba``; top-k probabilities not renormalised; layer 1 dense via ``mlp_only_layers``).
+8 experts, top-2 from a peaked router, a shared expert with
 its sigmoid gate; DeltaNet decays slow enough that the state crosses the 64-token chunk; 80-token
 sequences (longer than the convolution window and one chunk). Each is converted once at TP=2;
-one spawn of 4 ranks loads both at (TP, EP, PP) = (1, 1, 1), (2, 1, 1) and (1, 2, 2): the logits
+one spawn of 4 ranks loads all three at (TP, EP, PP) = (1, 1, 1), (2, 1, 1) and (1, 2, 2): the logits
 must equal transformers' (fp32, 1e-4 of the largest logit). The EP=2 x PP=2 model is saved again
 (each rank writing its experts) and converted back: bit-exact with the source, every tensor.
 """
@@ -47,6 +49,11 @@ CASES = {
                            temporal_patch_size=2, num_position_embeddings=16),
         image_token_id=296, video_token_id=297, vision_start_token_id=298,
         vision_end_token_id=299),
+    "next": lambda: transformers.Qwen3NextConfig(
+        architectures=["Qwen3NextForCausalLM"], tie_word_embeddings=False,
+        layer_types=["linear_attention", "linear_attention", "full_attention",
+                     "linear_attention"], mlp_only_layers=[1], decoder_sparse_step=1,
+        norm_topk_prob=False, partial_rotary_factor=0.25, **TEXT),
 }
 
 
@@ -153,7 +160,7 @@ def runs(tmp_path_factory):
     for case in sorted(CASES):
         root = tmp_path_factory.mktemp(case)
         config = CASES[case]()
-        auto = transformers.AutoModelForCausalLM if case == "text" else \
+        auto = transformers.AutoModelForCausalLM if case != "vl" else \
             transformers.AutoModelForImageTextToText
         model = auto.from_config(config, attn_implementation="eager", dtype=torch.float32)
         _randomize(model, 0)
@@ -165,7 +172,7 @@ def runs(tmp_path_factory):
         with torch.no_grad():
             out = model(input_ids=_tokens(), output_router_logits=True)
         # The router really routes: every expert gets tokens, each token its own pair.
-        for router_logits in out.router_logits:
+        for router_logits in [r for r in out.router_logits if r is not None]:
             top = router_logits.topk(2, dim=-1).indices
             assert torch.bincount(top.flatten(), minlength=8).min() > 0, case
             assert len({tuple(sorted(t)) for t in top.tolist()}) > 10, case
@@ -202,6 +209,33 @@ def test_round_trip_through_ep2_pp2_is_bit_exact(runs, case):
     src, back = runs[case]["source"], runs[case]["back"]
     assert sorted(src) == sorted(back)
     assert any(".mlp.experts.7.down_proj" in k for k in src)
+    if case == "next":
+        assert "model.layers.0.linear_attn.in_proj_qkvz.weight" in src
+        assert "model.layers.1.mlp.down_proj.weight" in src  # the dense layer
     assert any(".mlp.shared_expert_gate.weight" in k for k in src)
     for k in src:
         assert src[k].dtype == back[k].dtype and torch.equal(src[k], back[k]), k
+
+
+def test_grouped_in_proj_matches_transformers_split():
+    """Qwen3-Next's key-head-grouped projections, regrouped by the table, give each q, k, v,
+    z, b, a head what transformers' own ``fix_query_key_value_ordering`` gives it."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
+
+    from eaft_megatron.models.transforms import group_qkvz_ba, ungroup_qkvz_ba
+
+    config = CASES["next"]()
+    gdn = Qwen3NextGatedDeltaNet(config, layer_idx=0)
+    _randomize(gdn, 1)
+    x = torch.randn(2, 5, config.hidden_size, generator=torch.Generator().manual_seed(2))
+    sizes = dict(key_heads=2, key_dim=16, value_heads=4, value_dim=24)
+    w = ungroup_qkvz_ba(gdn.in_proj_qkvz.weight, gdn.in_proj_ba.weight, **sizes)
+    with torch.no_grad():
+        hf = gdn.fix_query_key_value_ordering(gdn.in_proj_qkvz(x), gdn.in_proj_ba(x))
+        ours = torch.split(x @ w.T, [32, 32, 96, 96, 4, 4], dim=-1)
+    for name, h, o in zip("qkvzba", hf, ours):
+        # (rounding only: a matmul over another weight shape may sum in another order)
+        torch.testing.assert_close(h.reshape(2, 5, -1), o, rtol=1e-6, atol=1e-6, msg=name)
+    back = group_qkvz_ba(w, **sizes)
+    assert torch.equal(back[0], gdn.in_proj_qkvz.weight) and torch.equal(back[1],
+                                                                        gdn.in_proj_ba.weight)
