@@ -5,6 +5,7 @@
     python benchmarks/bench_convert.py --untied        # separate lm_head (converted last)
     python benchmarks/bench_convert.py --moe           # Qwen3-MoE ~1B, 128 experts of 128
     python benchmarks/bench_convert.py --moe --dtype fp32 --experts 64 --moe-ffn 256
+    python benchmarks/bench_convert.py --qwen35        # Qwen3.5-0.8B-shaped gated-DeltaNet hybrid
 
 A synthetic Qwen3-architecture HF model (random bf16 weights, sharded safetensors, no
 download) is written first; then ``eaft-megatron convert hf-to-megatron --tp 2`` and
@@ -20,6 +21,11 @@ disk (targets: peak above imports <= 1.15x, total <= 1.3x). Results go to
 written straight as safetensors shards with the names ``save_pretrained`` produces (one tensor
 per expert), no transformers model built; one vocabulary (``--vocab``, padded at --tp 2).
 Results go to ``benchmarks/results/convert_moe_cpu.csv`` (appended per ``--dtype``).
+
+``--qwen35``: a ``Qwen3_5ForCausalLM`` with Qwen3.5-0.8B's shape (24 layers, 3 of every 4 gated
+DeltaNet, hidden 1024, vocabulary 248320, tied; ~0.75B parameters), names and shapes taken from
+transformers' own model built on the meta device. Results go to
+``benchmarks/results/convert_qwen35_cpu.csv``.
 """
 
 from __future__ import annotations
@@ -52,6 +58,32 @@ def make_hf_model(directory: Path, *, layers: int, hidden: int, vocab: int,
                   transformers.AutoModelForCausalLM.from_config(config).state_dict().items()}
     if tied:
         shapes.pop("lm_head.weight")
+    directory.mkdir(parents=True)
+    config.save_pretrained(directory)
+    return _write_shards(directory, shapes, torch.bfloat16)
+
+
+def make_qwen35_model(directory: Path, *, layers: int, hidden: int, vocab: int) -> int:
+    """Write a random bf16 Qwen3.5 (gated-DeltaNet hybrid) HF model shaped like Qwen3.5-0.8B
+    (hidden 1024: 8 heads of 256, 2 KV heads, DeltaNet 16 x 128 key and value heads, MLP 3584);
+    return its size on disk (bytes)."""
+    import torch
+    import transformers
+    from eaft_megatron.models import get_arch, hf_names
+
+    config = transformers.Qwen3_5TextConfig(
+        architectures=["Qwen3_5ForCausalLM"], vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=hidden * 7 // 2, num_hidden_layers=layers,
+        num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512),
+        head_dim=256, linear_num_key_heads=hidden // 64, linear_num_value_heads=hidden // 64,
+        linear_key_head_dim=128, linear_value_head_dim=128, tie_word_embeddings=True,
+        max_position_embeddings=4096, dtype="bfloat16",
+    )
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in
+                  transformers.AutoModelForCausalLM.from_config(config).state_dict().items()}
+    shapes.pop("lm_head.weight", None)
+    assert set(shapes) == set(hf_names(get_arch(config), config)), "names differ from the mapping"
     directory.mkdir(parents=True)
     config.save_pretrained(directory)
     return _write_shards(directory, shapes, torch.bfloat16)
@@ -175,6 +207,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--untied", action="store_true", help="separate lm_head.weight")
     p.add_argument("--moe", action="store_true", help="Qwen3-MoE with many small experts")
+    p.add_argument("--qwen35", action="store_true",
+                   help="Qwen3.5-0.8B-shaped gated-DeltaNet hybrid (dense, tied)")
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--moe-ffn", type=int, default=128, help="expert intermediate size")
@@ -185,13 +219,16 @@ def main() -> None:
                                                "results/convert_moe_cpu.csv)")
     args = p.parse_args()
     results = Path(__file__).parent / "results"
-    out = Path(args.out or results / ("convert_moe_cpu.csv" if args.moe else "convert_cpu.csv"))
-    layers = args.layers or (12 if args.moe else 16)
-    hidden = args.hidden or (1024 if args.moe else 2048)
+    kind = "moe" if args.moe else "qwen35" if args.qwen35 else None
+    out = Path(args.out or results / (f"convert_{kind}_cpu.csv" if kind else "convert_cpu.csv"))
+    layers = args.layers or {"moe": 12, "qwen35": 24}.get(kind, 16)
+    hidden = args.hidden or {"moe": 1024, "qwen35": 1024}.get(kind, 2048)
 
     tp = 2
     rows = []
-    vocabs = (args.vocab,) if args.moe else (args.vocab, args.vocab // (256 * tp) * 256 * tp)
+    if args.qwen35 and args.vocab == p.get_default("vocab"):
+        args.vocab = 248320  # Qwen3.5's vocabulary
+    vocabs = (args.vocab,) if kind else (args.vocab, args.vocab // (256 * tp) * 256 * tp)
     for vocab in vocabs:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             tmp = Path(tmp)
@@ -202,6 +239,9 @@ def main() -> None:
                 described = dict(dtype=args.dtype, layers=layers, hidden=hidden,
                                  experts=args.experts, topk=args.topk, moe_ffn=args.moe_ffn,
                                  vocab=vocab)
+            elif args.qwen35:
+                size = make_qwen35_model(tmp / "hf", layers=layers, hidden=hidden, vocab=vocab)
+                described = dict(layers=layers, hidden=hidden, vocab=vocab, tied=True)
             else:
                 size = make_hf_model(tmp / "hf", layers=layers, hidden=hidden,
                                      vocab=vocab, tied=not args.untied)
