@@ -5,7 +5,7 @@
 The landscape's share of an evaluation pass. An evaluation micro-batch = the model's forward (a Qwen3 of 2 layers, hidden 256, built by
 ``transformers``: the same small model as bench_train, where the loss weighs most) + this
 package's loss op with statistics. With the landscape, the collector's per-micro-batch work
-(:class:`eaft_megatron.train.landscape._Accumulator`) is added, and its end-of-evaluation
+(:class:`eaft_megatron.train.landscape_stats._Accumulator`) is added, and its end-of-evaluation
 buffer is built once per evaluation (``--micro-batches`` micro-batches). Interleaved
 repetitions, medians. The collective (one gather of that buffer) is not timed here: it is one
 call of ``--landscape-buffer`` bytes per evaluation. Writing the files is reported apart (once per
@@ -39,7 +39,7 @@ def main() -> None:
     import transformers
 
     from eaft_megatron.ops import vocab_parallel_eaft_cross_entropy
-    from eaft_megatron.train.landscape import _Accumulator, unpack_buffers
+    from eaft_megatron.train.landscape_stats import _Accumulator, unpack_buffers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

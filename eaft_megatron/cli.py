@@ -115,22 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.command import register_command as register_preprocess  # light: argparse only
 
     register_preprocess(sub)
+    from .plots import add_plot_arguments, run_plot  # light: matplotlib only when drawing
+
     landscape = sub.add_parser(
         "landscape", help="plot the entropy-probability landscape written by the trainer's "
         "--eaft-landscape DIR (one, or two side by side)")
-    landscape.add_argument("directories", nargs="+", metavar="DIR",
-                           help="one or two landscape directories (or landscape.json files)")
-    landscape.add_argument("--out", default=None,
-                           help="output PNG (default: DIR/landscape.png for one, "
-                                "DIR2/comparison.png for two)")
-    landscape.set_defaults(func=_landscape)
+    add_plot_arguments(landscape)
+    landscape.set_defaults(func=run_plot)
     return parser
-
-
-def _landscape(args) -> int:
-    from .train.landscape import run_plot  # numpy + matplotlib, only when used
-
-    return run_plot(args)
 
 
 def main(argv: list[str] | None = None) -> int:

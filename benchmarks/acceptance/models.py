@@ -61,11 +61,13 @@ def _megatron_model(hf_dir: Path, ckpt: Path, device, dtype, te: bool):
     import torch
     from megatron.core import dist_checkpointing
 
+    from eaft_megatron.checkpoint import CONVERTED_MARK, find_iteration_dir
+    from eaft_megatron.checkpoint.safe_load import safe_checkpoint_loading
     from eaft_megatron.convert import load_hf_config
     from eaft_megatron.models import build_gpt_model
 
     hf_config = load_hf_config(hf_dir)
-    meta = json.loads((ckpt / "eaft_megatron.json").read_text())
+    meta = json.loads((ckpt / CONVERTED_MARK).read_text())
     kwargs = dict(params_dtype=dtype, bf16=dtype == torch.bfloat16,
                   transformer_impl="transformer_engine" if te else "local")
     if device.type == "cpu":
@@ -74,10 +76,7 @@ def _megatron_model(hf_dir: Path, ckpt: Path, device, dtype, te: bool):
         kwargs = {**cpu_transformer_config_kwargs(), **kwargs}
     model = build_gpt_model(hf_config, padded_vocab=meta["padded_vocab_size"], **kwargs)
     model.to(device)
-    iteration = int((ckpt / "latest_checkpointed_iteration.txt").read_text().strip())
-    iter_dir = ckpt / f"iter_{iteration:07d}"
-    from eaft_megatron.compat.safe_load import safe_checkpoint_loading
-
+    iter_dir = find_iteration_dir(ckpt)
     with safe_checkpoint_loading():  # nothing in the checkpoint is unpickled freely
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir))
     missing, unexpected = model.load_state_dict(state["model"], strict=False)

@@ -7,12 +7,14 @@ import json
 import math
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from eaft_megatron.checkpoint import TRACKER, read_tracker
+from eaft_megatron.compat.processes import free_port
 
 from .common import ROOT, Profile, Stage, kill_group
 from .models import save_random_hf_model
@@ -20,12 +22,6 @@ from .models import save_random_hf_model
 
 def _round(x, digits: int = 4):
     return round(x, digits) if isinstance(x, float) else x
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_sft_data(prefix: Path, *, vocab: int, seq: int, docs: int, seed: int = 0) -> dict:
@@ -74,7 +70,7 @@ def _run_trainer(work: Path, out_logs: Path, name: str, *, nproc: int, flags: li
     run_dir = work / name
     target = [str(launcher)] if launcher else ["-m", "eaft_megatron.train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *target,
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *target,
            "--save", str(run_dir), "--log-dir", str(run_dir), *flags]
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -154,9 +150,8 @@ def _train_checks(stage: Stage, run: dict, iters: int) -> dict[int, float]:
                         f"{ms if ms is None else round(ms, 1)}",
                         first=first, last=last, ms_per_iter=ms)
     with stage.check(f"{name} checkpoint saved") as rec:
-        tracker = Path(run["run_dir"]) / "latest_checkpointed_iteration.txt"
-        saved = tracker.read_text().strip() if tracker.is_file() else None
-        rec.verdict(saved == str(iters), f"latest_checkpointed_iteration.txt: {saved}")
+        saved = read_tracker(run["run_dir"])
+        rec.verdict(saved == iters, f"{TRACKER}: {saved}")
     return losses
 
 

@@ -36,7 +36,8 @@ import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["contain_child_processes", "die_with_parent", "in_process_checkpoint_writes"]
+__all__ = ["contain_child_processes", "die_with_parent", "free_port",
+           "in_process_checkpoint_writes"]
 
 _PR_SET_PDEATHSIG = 1
 _LINUX = sys.platform.startswith("linux")
@@ -128,3 +129,12 @@ def contain_child_processes(*, async_save: bool = False) -> None:
     _installed = True
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
     _patch_spawn_command_line()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (``--master-port`` of a torchrun launch)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -30,7 +30,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -59,12 +58,6 @@ QUICK = Sizes(hidden=64, layers=2, vocab=400, seq_length=96, iters=8, global_bat
 
 def _say(step: int, total: int, text: str) -> None:
     print(f"\n[{step}/{total}] {text}", flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _split_data(src: Path, out: Path, *, limit: int | None, seed: int = 0) -> tuple[Path, Path]:
@@ -119,6 +112,31 @@ def _ep_flags(args) -> list[str]:
     return ["--expert-model-parallel-size", str(args.ep)] if args.ep > 1 else []
 
 
+def _trainer_command(args, sizes: Sizes, *flags: str) -> list[str]:
+    """torchrun of ``python -m eaft_megatron.train`` with the demo's parallel layout, batch
+    sizes, loss and device settings, then ``flags`` (what the run is for)."""
+    import torch
+
+    from ..compat.processes import free_port
+
+    nproc = _nproc(args)
+    micro = max(1, sizes.global_batch // max(1, nproc // (args.tp * args.pp)) // 4)
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        "-m", "eaft_megatron.train", *flags,
+        "--tensor-model-parallel-size", str(args.tp),
+        "--pipeline-model-parallel-size", str(args.pp),
+        "--micro-batch-size", str(micro), "--global-batch-size", str(sizes.global_batch),
+        "--loss-type", args.loss_type, "--num-workers", "0",
+    ] + _ep_flags(args) + (["--bf16"] if torch.cuda.is_available() else [])
+
+
+def _trainer_env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                PYTHONWARNINGS="ignore")
+
+
 def _check_layout(args, hf_dir: Path) -> str:
     """The model's architecture, once the parallel sizes are checked against it (one line
     naming the problem, before any work)."""
@@ -143,23 +161,11 @@ def _landscape_eval(args, sizes: Sizes, ckpt: Path, valid: Path, valid_samples: 
     """An evaluation-only run of the trainer on ``ckpt`` (the converted model before training,
     the trained run after): its entropy-probability landscape on the held-out conversations
     (the same samples both times), into ``out``."""
-    import torch
-
-    nproc = _nproc(args)
-    micro = max(1, sizes.global_batch // max(1, nproc // (args.tp * args.pp)) // 4)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        "-m", "eaft_megatron.train", "--load", str(ckpt), "--data-path", str(valid),
-        "--eval-only", "--tensor-model-parallel-size", str(args.tp),
-        "--pipeline-model-parallel-size", str(args.pp),
-        "--micro-batch-size", str(micro), "--global-batch-size", str(sizes.global_batch),
+    cmd = _trainer_command(
+        args, sizes, "--load", str(ckpt), "--data-path", str(valid), "--eval-only",
         "--eval-iters", str(max(1, valid_samples // sizes.global_batch)),
-        "--loss-type", args.loss_type, "--num-workers", "0", "--log-dir", str(out.parent),
-        "--eaft-landscape", str(out),
-    ] + _ep_flags(args) + (["--bf16"] if torch.cuda.is_available() else [])
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONWARNINGS="ignore")
+        "--log-dir", str(out.parent), "--eaft-landscape", str(out))
+    env = _trainer_env()
     log = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -182,18 +188,11 @@ def _train(args, sizes: Sizes, ckpt: Path, data: Path, valid: Path, valid_sample
     if cuda and nproc > torch.cuda.device_count():
         raise SystemExit(f"eaft-megatron demo: {nproc} processes ({_layout(args)}) "
                          f"need {nproc} GPUs, found {torch.cuda.device_count()}")
-    micro = max(1, sizes.global_batch // max(1, nproc // (args.tp * args.pp)) // 4)
     iters = args.iters or sizes.iters
     eval_iters = max(1, valid_samples // sizes.global_batch)  # the held-out set, once
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        "-m", "eaft_megatron.train",
+    flags = [
         "--load", str(run), "--save", str(run), "--pretrained-checkpoint", str(ckpt),
         "--train-data-path", str(data), "--valid-data-path", str(valid),
-        "--tensor-model-parallel-size", str(args.tp),
-        "--pipeline-model-parallel-size", str(args.pp),
-        "--micro-batch-size", str(micro), "--global-batch-size", str(sizes.global_batch),
         "--train-iters", str(iters), "--lr", str(args.lr),
         "--min-lr", str(args.lr / 10), "--lr-decay-style", "cosine",
         "--lr-warmup-iters", str(max(1, iters // 10)),
@@ -201,16 +200,13 @@ def _train(args, sizes: Sizes, ckpt: Path, data: Path, valid: Path, valid_sample
         "--eval-interval", str(max(1, iters // 3)), "--eval-iters", str(eval_iters),
         "--log-interval", str(max(1, iters // 10)),
         "--save-interval", str(iters), "--ckpt-format", "torch_dist",
-        "--loss-type", args.loss_type, "--num-workers", "0",
-    ] + _ep_flags(args) + (["--eaft-landscape", str(landscape)] if landscape is not None else [])
+    ] + (["--eaft-landscape", str(landscape)] if landscape is not None else [])
     if _have("tensorboard"):
-        cmd += ["--tensorboard-dir", str(run / "tensorboard"), "--tensorboard-log-interval",
-                str(max(1, iters // 10))]
-    if cuda:
-        cmd.append("--bf16")
+        flags += ["--tensorboard-dir", str(run / "tensorboard"), "--tensorboard-log-interval",
+                  str(max(1, iters // 10))]
+    cmd = _trainer_command(args, sizes, *flags)
     print("  $ " + " ".join(cmd[:1] + ["-m", "torch.distributed.run"] + cmd[3:]), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONWARNINGS="ignore")
+    env = _trainer_env()
     log = run.parent / "train.log"
     metrics = run / "metrics.jsonl"
     seen = 0
@@ -269,36 +265,6 @@ def _describe(record: dict, iters: int) -> str | None:
         if isinstance(record.get(key), (int, float)):
             parts.append(f"{label} {record[key]:.4g}")
     return " | ".join(parts)
-
-
-def _plot_curves(records: list[dict], out: Path, title: str) -> Path | None:
-    """``curves.png``: training and validation lm loss, the optimised loss, gate weight."""
-    if not _have("matplotlib"):
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in records if r.get("kind") == "train" and r.get("lm_loss") is not None]
-    valid = [r for r in records if r.get("kind") == "valid" and not r.get("final")]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
-    ax.plot([r["iteration"] for r in train], [r["lm_loss"] for r in train], label="train lm loss")
-    ax.plot([r["iteration"] for r in train], [r["loss"] for r in train],
-            label=f"train {train[0]['loss_type'] if train else ''} loss (optimised)")
-    if valid:
-        ax.plot([r["iteration"] for r in valid], [r["lm_loss"] for r in valid], "o-",
-                label="validation lm loss (held-out)")
-    ax.set_xlabel("iteration"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
-    gates = [r for r in train if r.get("gate_weight") is not None]
-    bx.plot([r["iteration"] for r in gates], [r["gate_weight"] for r in gates],
-            label="mean gate weight")
-    bx.set_xlabel("iteration"), bx.set_ylim(0, 1.05), bx.legend(), bx.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
 
 
 def _check_hf(hf_dir: Path, ckpt: Path, data_file: Path) -> dict:
@@ -378,9 +344,9 @@ def _report_landscapes(root: Path, before: dict | None) -> dict:
               f"(entropy < {after['thresholds']['entropy']} and p(label) < "
               f"{after['thresholds']['prob']}); most conflicting conversations: "
               f"{root / 'after' / 'samples.jsonl'}")
-    if before is not None and after is not None and _have("matplotlib"):
-        from ..train.landscape import plot_landscapes
+    from ..plots import have_matplotlib, plot_landscapes
 
+    if before is not None and after is not None and have_matplotlib():
         plot_landscapes([before, after], root / "comparison.png")
         print(f"  landscapes: {root / 'comparison.png'}")
     return shares
@@ -451,8 +417,10 @@ def run_demo(args: argparse.Namespace) -> dict:
         print(f"  loss {a.get('loss'):.4f} (iteration {a.get('iteration')}) -> "
               f"{b.get('loss'):.4f} (iteration {b.get('iteration')}); "
               f"mean gate weight {b.get('gate_weight', float('nan')):.3f}")
-    curves = _plot_curves(records, run / "curves.png",
-                          f"{hf_dir.name}: {args.loss_type} on {data_src.name}")
+    from ..plots import plot_curves
+
+    curves = plot_curves(records, run / "curves.png",
+                         f"{hf_dir.name}: {args.loss_type} on {data_src.name}")
     print(f"  metrics: {run / 'metrics.jsonl'}"
           + (f"; loss curves: {curves}" if curves else " (install matplotlib for curves.png)")
           + (f"; TensorBoard: tensorboard --logdir {run / 'tensorboard'}"

@@ -1,7 +1,7 @@
 """Forgetting experiment: SFT vs DFT vs EAFT on a small transformer, on CPU.
 
     python examples/forgetting/run.py --results examples/forgetting   # full run (~13 min, 2 cores)
-    python examples/forgetting/run.py --quick --out /tmp/forgetting_quick   # pipeline check (~15 s)
+    python examples/forgetting/run.py --quick --out forgetting_quick   # pipeline check (~15 s)
 
 Per seed, a small decoder-only transformer is pretrained (cached under ``--out/bases``, so reruns
 skip it) until it is confident on four "general" tasks: copy, reverse, sort, shift a sequence of
@@ -428,7 +428,7 @@ def write_mechanism(rows: list[dict], cfg: Config, results: Path) -> str:
         import sys as _sys
 
         _sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        from eaft_megatron.train.landscape import plot_landscapes
+        from eaft_megatron.plots import plot_landscapes
 
         first = LANDSCAPES[cfg.seeds[0]]
         plot_landscapes([first["noisy"], first["clean"]], results / "landscape_base.png")
@@ -440,8 +440,9 @@ def write_mechanism(rows: list[dict], cfg: Config, results: Path) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, 2 seeds: a pipeline check (~1 min)")
-    p.add_argument("--out", type=Path, default=Path("/tmp/eaft_forgetting"),
-                   help="output dir; pretrained bases are cached under OUT/bases")
+    p.add_argument("--out", type=Path, default=Path("eaft_forgetting"),
+                   help="output dir (default: ./eaft_forgetting under the current directory); "
+                        "pretrained bases are cached under OUT/bases")
     p.add_argument("--results", type=Path, default=None, help="where the md/csv/png go (default: --out)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, quick 2)")
     p.add_argument("--lrs", type=float, nargs="+", default=None, help="fine-tuning learning rates")
