@@ -13,7 +13,14 @@ Results are also written to ``benchmarks/results/loss_<device>.csv`` and ``.json
 
 Providers: ``megatron`` (vocab_parallel_cross_entropy), ``megatron_fused``
 (fused_vocab_parallel_cross_entropy, torch.compile'd by megatron-core; compile time excluded),
-``sft``/``eaft_topk``/``eaft_full`` (this package).
+``sft``/``eaft_topk``/``eaft_full`` (this package's PyTorch path, ``impl="torch"``), on CUDA
+``triton_sft``/``triton_eaft_topk``/``triton_eaft_full`` (its Triton kernels, ``impl="triton"``)
+and ``liger`` (Liger-Kernel's cross-entropy, when ``liger_kernel`` is importable; it writes its
+gradient into the logits in forward, so it gets a fresh copy of them outside the timing).
+
+Bandwidth: ``gbps`` is ``3 x`` the logits' bytes (read in forward, read in backward, gradient
+written: the floor for a separate forward and backward) over the median time, ``bw_frac`` that
+over the device's peak memory bandwidth (CUDA: ``2 x memory clock x bus width``; CPU: blank).
 """
 
 from __future__ import annotations
@@ -58,26 +65,65 @@ def _reset_peak_rss() -> None:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def providers(group):
+def providers(group, *, triton: bool = False, liger: bool = False):
+    """Name -> ``fn(logits, target)`` returning per-token losses (or their sum). ``triton``: add
+    this package's Triton kernels; ``liger``: add Liger-Kernel's CE when it is importable."""
     from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from eaft_megatron import vocab_parallel_eaft_cross_entropy as eaft
 
-    return {
+    provs = {
         "megatron": lambda x, t: vocab_parallel_cross_entropy(x, t, tp_group=group),
         "megatron_fused": lambda x, t: fused_vocab_parallel_cross_entropy(x, t, tp_group=group),
-        "sft": lambda x, t: eaft(x, t, loss_type="sft", tp_group=group),
-        "eaft_topk": lambda x, t: eaft(x, t, loss_type="eaft", entropy="topk", tp_group=group),
-        "eaft_full": lambda x, t: eaft(x, t, loss_type="eaft", entropy="full", tp_group=group),
     }
+    impls = {"": "torch", "triton_": "triton"} if triton else {"": "torch"}
+    for prefix, impl in impls.items():
+        provs[f"{prefix}sft"] = lambda x, t, i=impl: eaft(x, t, loss_type="sft", tp_group=group,
+                                                          impl=i)
+        for entropy in ("topk", "full"):
+            provs[f"{prefix}eaft_{entropy}"] = lambda x, t, e=entropy, i=impl: eaft(
+                x, t, loss_type="eaft", entropy=e, tp_group=group, impl=i)
+    if liger:
+        try:
+            from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
+        except ImportError:
+            pass
+        else:
+            provs["liger"] = MutatesInput(LigerCrossEntropyLoss(reduction="sum"))
+    return provs
 
 
-def run_once(fn, logits, target):
-    x = logits.detach().requires_grad_()
+class MutatesInput:
+    """A provider that overwrites its input logits (it gets a copy, made outside the timing)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, x, t):
+        return self.fn(x, t)
+
+
+def _input(fn, logits):
+    x = logits.clone() if isinstance(fn, MutatesInput) else logits.detach()
+    return x.requires_grad_()
+
+
+def run_once(fn, logits, target, x=None):
+    x = _input(fn, logits) if x is None else x
     loss = fn(x, target)
     loss.sum().backward()
     return x.grad
+
+
+def peak_bandwidth(device) -> float | None:
+    """The device's peak memory bandwidth in bytes/s (CUDA: DDR, 2 x clock x bus width)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = (getattr(props, k, 0) for k in ("memory_clock_rate",
+                                                           "memory_bus_width"))
+    return 2.0 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
 
 
 def sync(device):
@@ -87,25 +133,26 @@ def sync(device):
 
 def measure_peak(fn, logits, target, device) -> int:
     """Bytes added on top of the inputs at the peak of one forward + backward."""
+    x = _input(fn, logits)  # (a provider that overwrites its input: its copy counts as input)
     sync(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        grad = run_once(fn, logits, target)
+        grad = run_once(fn, logits, target, x)
         sync(device)
         peak = torch.cuda.max_memory_allocated() - base
     else:
         base = _rss_bytes()
         _reset_peak_rss()
-        grad = run_once(fn, logits, target)
+        grad = run_once(fn, logits, target, x)
         peak = _peak_rss_bytes() - base
-    del grad
+    del grad, x
     return peak
 
 
 HEADER = ["tokens", "vocab", "provider", "median_ms", "time_vs_megatron", "peak_mib",
-          "peak_vs_megatron"]
+          "peak_vs_megatron", "bytes_per_logit", "gbps", "bw_frac"]
 
 
 def make_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -130,17 +177,22 @@ def measure(provs: dict, logits: torch.Tensor, target: torch.Tensor, *, reps: in
     for rep in range(reps):
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
+            x = _input(provs[name], logits)
             sync(device)
             t0 = time.perf_counter()
-            run_once(provs[name], logits, target)
+            run_once(provs[name], logits, target, x)
             sync(device)
             times[name].append(time.perf_counter() - t0)
+            del x
     base_t = statistics.median(times["megatron"]) if "megatron" in times else None
     base_m = peaks.get("megatron")
     n, v = logits.shape
+    peak_bw = peak_bandwidth(device)
+    traffic = 3 * logits.numel() * logits.element_size()
     rows = []
     for name in names:
         med = statistics.median(times[name])
+        gbps = traffic / med / 1e9
         rows.append(dict(
             device=device.type, dtype=dtype_name, tokens=n, vocab=v, provider=name,
             median_ms=round(med * 1e3, 2),
@@ -149,6 +201,9 @@ def measure(provs: dict, logits: torch.Tensor, target: torch.Tensor, *, reps: in
             peak_mib=round(peaks[name] / 2**20, 1),
             peak_vs_megatron=round(peaks[name] / base_m, 3) if base_m else None,
             logits_mib=round(logits.numel() * logits.element_size() / 2**20, 1),
+            bytes_per_logit=round(peaks[name] / logits.numel(), 2),
+            gbps=round(gbps, 1),
+            bw_frac=round(gbps * 1e9 / peak_bw, 3) if peak_bw else "",
         ))
     return rows
 
@@ -177,7 +232,7 @@ def main(argv=None):
     os.environ.setdefault("MASTER_PORT", "29533")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     group = dist.group.WORLD
-    provs = providers(group)
+    provs = providers(group, triton=device.type == "cuda", liger=device.type == "cuda")
     if args.providers:
         provs = {k: provs[k] for k in args.providers.split(",")}
     dtype = DTYPES[args.dtype]

@@ -24,14 +24,21 @@ loss    ``vocab_parallel_eaft_cross_entropy`` on the device against a float64 re
         V = 151936, every loss type x entropy mode; loss, statistics, gradient (arbitrary
         upstream gradient), input left unmodified. ``fused_linear_eaft_cross_entropy`` against
         the unfused path (output-layer GEMM + the op) in the same dtype, hidden 1024, with
-        Megatron's uniform upstream gradient and an arbitrary one. tp = 1 in a world_size=1
-        NCCL group. Tolerances: ``TOLERANCES`` in ``acceptance/common.py``.
+        Megatron's uniform upstream gradient and an arbitrary one. The Triton kernels
+        (``impl="triton"``) against the same reference at N = 2048 (fp32 and bf16; on CPU under
+        Triton's interpreter, ``TRITON_INTERPRET=1``, at N = 4, V = 160, in fp32 and fp16: the
+        interpreter has no bf16 arithmetic). tp = 1 in a world_size=1 NCCL group.
+        Tolerances: ``TOLERANCES`` in ``acceptance/common.py``.
 speed   ``benchmarks/bench_loss.py`` (N=8192, V=151936, bf16; megatron-core's
         ``vocab_parallel_cross_entropy`` and its torch.compile'd fused variant vs this package)
         and ``benchmarks/bench_fused.py`` (N=8192, hidden 1024/2048/4096, V=151936, bf16) rows,
-        interleaved repeats, ``torch.cuda.max_memory_allocated``; the README's targets are
-        checks on a GPU (memory <= Megatron's; time: full <= 1.00x, topk <= 1.15x Megatron's;
-        fused loss-part memory <= 1/8 and time <= 1.15x unfused), information on CPU.
+        interleaved repeats, ``torch.cuda.max_memory_allocated``, achieved bandwidth as a
+        fraction of the device's peak; on a GPU also the Triton kernels (``triton_*``) and
+        Liger-Kernel's CE (``liger``, when importable). The targets are checks on a GPU
+        (PyTorch path: memory <= Megatron's, time full <= 1.00x, topk <= 1.15x Megatron's;
+        Triton: topk <= 0.50x, full <= 0.40x Megatron's time, sft no slower than Liger, peak
+        <= 2 bytes per logit; fused (impl auto) loss-part memory <= 1/16 and time <= 1.10x
+        unfused), information on CPU (where the Triton path is not timed).
 models  small random Qwen3 and GLM-4-0414 models made with transformers, saved, converted by
         ``eaft_megatron.convert.hf_to_megatron``, loaded with megatron-core's dist_checkpointing
         into ``build_gpt_model`` (TransformerEngine spec when installed, else local): logits
@@ -191,6 +198,8 @@ def _run_group(names: list[str], args, out: Path, timeout: float) -> dict[str, d
         cmd += ["--inject-failure", args.inject_failure]
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if args.device == "cpu":  # the Triton path's checks run under Triton's interpreter
+        env.setdefault("TRITON_INTERPRET", "1")
     tail: deque[str] = deque(maxlen=40)
     t0 = time.perf_counter()
     with open(log, "w") as f:

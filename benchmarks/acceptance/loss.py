@@ -55,18 +55,20 @@ def _loss_inputs(n, v, device, seed=0):
     return logits, target, grad_out
 
 
-def _check_op(stage, x, target, grad_out, *, s, b, dtype_name, loss_type, entropy, group):
+def _check_op(stage, x, target, grad_out, *, s, b, dtype_name, loss_type, entropy, group,
+              impl="torch"):
     import torch
 
     from eaft_megatron import vocab_parallel_eaft_cross_entropy
 
     n, v = x.shape
-    with stage.check(f"op {dtype_name} {loss_type}/{entropy}") as rec:
+    kind = "op" if impl == "torch" else impl
+    with stage.check(f"{kind} {dtype_name} {loss_type}/{entropy}") as rec:
         before = x.clone()
         logits = x.view(s, b, v).requires_grad_()
         loss, stats = vocab_parallel_eaft_cross_entropy(
             logits, target.view(s, b), loss_type=loss_type, entropy=entropy, tp_group=group,
-            return_stats=True)
+            return_stats=True, impl=impl)
         (loss * grad_out.view(s, b)).sum().backward()
         grad = logits.grad.view(n, v)
         problems = []
@@ -77,7 +79,7 @@ def _check_op(stage, x, target, grad_out, *, s, b, dtype_name, loss_type, entrop
         del before
         if bool((loss.view(-1)[target == -100] != 0).any()):
             problems.append("ignored tokens have a non-zero loss")
-        gkey = "op_grad_bf16" if dtype_name == "bf16" else "op_grad_fp32"
+        gkey = f"op_grad_{dtype_name}"
         tols = {k: stage.tol(k) for k in ("op_loss", "op_weight", "op_entropy", gkey)}
         worst = {k: 0.0 for k in ("loss", "weight", "prob", "entropy", "grad")}
         maxabs = dict(worst)
@@ -183,7 +185,39 @@ def stage_loss(stage: Stage, device, P: Profile) -> None:
         del x, target, grad_out
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    _check_triton(stage, device, P, group)
     for dtype_name in ("fp32", "bf16"):
         _check_fused(stage, device, dtype_name, P, group)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _check_triton(stage, device, P: Profile, group) -> None:
+    """The Triton kernels (``impl="triton"``) against the same float64 reference. CPU: under
+    Triton's interpreter (the driver sets ``TRITON_INTERPRET=1``), which has no bf16
+    arithmetic: fp32 for every mode and fp16 for eaft/full instead of bf16."""
+    import torch
+
+    from eaft_megatron.ops.triton_eaft import interpreting, triton_problem
+
+    problem = triton_problem()
+    if device.type != "cuda" and not interpreting():
+        problem = "on CPU only under TRITON_INTERPRET=1"
+    if problem:
+        stage.info("triton", None, f"Triton path not checked: {problem}")
+        return
+    s, b, v = P.triton_loss_shape
+    half = ("bf16", torch.bfloat16) if device.type == "cuda" else ("fp16", torch.float16)
+    for dtype_name, dtype in (("fp32", torch.float32), half):
+        logits, target, grad_out = _loss_inputs(s * b, v, device, seed=1)
+        x = logits.to(dtype)
+        del logits
+        for loss_type in ("sft", "dft", "eaft"):
+            for entropy in ("topk", "full"):
+                if device.type != "cuda" and dtype_name == "fp16" and loss_type != "eaft":
+                    continue  # the interpreter is slow; the kernels are the same per mode
+                _check_op(stage, x, target, grad_out, s=s, b=b, dtype_name=dtype_name,
+                          loss_type=loss_type, entropy=entropy, group=group, impl="triton")
+        del x, target, grad_out
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -48,6 +48,9 @@ def test_cpu_smoke_passes_every_stage(tmp_path):
     assert {f"loss/op {d} {t}/{e}" for d in ("fp32", "bf16") for t in ("sft", "dft", "eaft")
             for e in ("topk", "full")} <= checks
     assert "loss/fused bf16 eaft/topk megatron upstream" in checks
+    # the Triton kernels under Triton's interpreter (fp32, and fp16 as it has no bf16)
+    assert {f"loss/triton fp32 {t}/{e}" for t in ("sft", "dft", "eaft")
+            for e in ("topk", "full")} | {"loss/triton fp16 eaft/topk"} <= checks
     assert {f"models/{m} {d} logits vs transformers" for m in ("qwen3", "glm4")
             for d in ("fp32", "bf16")} <= checks
     assert {"train/tp1 exits 0", "train/tp1 loss finite and decreasing"} <= checks
@@ -82,7 +85,7 @@ def test_failures_are_isolated_reported_and_fail_the_run(tmp_path):
     assert report["stages"]["models"]["status"] == "error"
     assert "injected failure" in report["stages"]["models"]["error"]
     loss = report["stages"]["loss"]
-    assert loss["status"] == "done" and len(loss["checks"]) == 28
+    assert loss["status"] == "done" and len(loss["checks"]) == 36
     assert any(not c["ok"] for c in loss["checks"])
     md = (tmp_path / "gpu_acceptance.md").read_text()
     assert "**Failures**" in md and "`models/stage`" in md
