@@ -222,3 +222,26 @@ def test_eaft_impl_flag_reaches_the_loss_config():
         parser.parse_args(["--eaft-impl", "cuda"])
     with pytest.raises(ValueError, match="impl must be one of"):
         EAFTLossConfig(impl="cuda")
+
+
+def test_auto_falls_back_on_cuda_with_a_log_line(monkeypatch, caplog):
+    """What impl="auto" does on a CUDA device when the Triton path cannot run (decided from the
+    device type, dtype and layout alone, so it is testable without a GPU)."""
+    from eaft_megatron.ops import triton_eaft
+
+    cuda = dict(device=torch.device("cuda"), k_local=20)
+    assert triton_eaft.resolve_impl("auto", dtype=torch.bfloat16, **cuda) == "triton"
+    assert triton_eaft.resolve_impl("torch", dtype=torch.bfloat16, **cuda) == "torch"
+    caplog.set_level("WARNING", logger=triton_eaft.__name__)
+    assert triton_eaft.resolve_impl("auto", dtype=torch.float64, **cuda) == "torch"
+    assert triton_eaft.resolve_impl("auto", dtype=torch.float32, device=cuda["device"],
+                                    k_local=200) == "torch"
+    monkeypatch.setattr(triton_eaft, "triton_problem",
+                        lambda: "triton 3.1.0 is too old (no tl.topk; need triton >= 3.2)")
+    assert triton_eaft.resolve_impl("auto", dtype=torch.bfloat16, **cuda) == "torch"
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("float64 is not supported" in m for m in logged), logged
+    assert any("exceeds the Triton kernel's 128" in m for m in logged), logged
+    assert any("too old" in m and "PyTorch path" in m for m in logged), logged
+    with pytest.raises(RuntimeError, match="impl='triton': triton 3.1.0 is too old"):
+        triton_eaft.resolve_impl("triton", dtype=torch.bfloat16, **cuda)
