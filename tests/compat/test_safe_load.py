@@ -1,4 +1,4 @@
-"""The trainer never unpickles a checkpoint freely (``eaft_megatron/compat/safe_load.py``).
+"""The trainer never unpickles a checkpoint freely (``eaft_megatron/checkpoint/safe_load.py``).
 
     python -m pytest -q tests/compat/test_safe_load.py
 
@@ -67,7 +67,7 @@ def _byte_entries(iteration_dir: Path) -> dict:
     """fqn -> (file, offset, length) of every pickled (byte) entry."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from eaft_megatron.convert.safe_metadata import read_checkpoint_metadata
+    from eaft_megatron.checkpoint import read_checkpoint_metadata
 
     meta = read_checkpoint_metadata(iteration_dir)
     return {index.fqn: (iteration_dir / info.relative_path, info.offset, info.length)
@@ -79,7 +79,7 @@ def _plant(iteration_dir: Path, fqn: str, data: bytes) -> Path:
     """Append ``data`` to the entry's data file and point the entry at it; the data file."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-    from eaft_megatron.convert.safe_metadata import read_checkpoint_metadata
+    from eaft_megatron.checkpoint import read_checkpoint_metadata
 
     meta = read_checkpoint_metadata(iteration_dir)
     [index] = [i for i in meta.storage_data if i.fqn == fqn]
@@ -121,9 +121,9 @@ def _same(a, b) -> bool:
 def test_every_entry_of_a_trainer_checkpoint_loads_as_torch_loads_it(tiny, trained):
     from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
-    from eaft_megatron.compat.safe_load import (check_checkpoint_entries, load_checked,
-                                                safe_checkpoint_loading)
-    from eaft_megatron.convert.safe_metadata import validate_checkpoint_metadata
+    from eaft_megatron.checkpoint import validate_checkpoint_metadata
+    from eaft_megatron.checkpoint.safe_load import (check_checkpoint_entries, load_checked,
+                                                    safe_checkpoint_loading)
 
     iteration_dir = trained / "iter_0000002"
     entries = _byte_entries(iteration_dir)
@@ -157,7 +157,7 @@ def _complete(run: Path, tiny, *extra: str):
 def test_payloads_in_any_pickled_entry_are_refused_before_loading(tiny, trained, tmp_path):
     from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
-    from eaft_megatron.compat.safe_load import refusal, safe_checkpoint_loading
+    from eaft_megatron.checkpoint.safe_load import refusal, safe_checkpoint_loading
     from eaft_megatron.train.argv import TrainArgError
 
     entries = _byte_entries(trained / "iter_0000002")
