@@ -2,8 +2,9 @@
 
     python benchmarks/bench_landscape.py [--tokens 512] [--vocab 32000] [--reps 15]
 
-The landscape's share of an evaluation pass. An evaluation micro-batch = the model's forward (a Qwen3 of 2 layers, hidden 256, built by
-``transformers``: the same small model as bench_train, where the loss weighs most) + this
+The landscape's share of an evaluation pass. An evaluation micro-batch = the model's forward
+(a Qwen3 of 2 layers, hidden 256, built by ``transformers``: the same small model as
+bench_train, where the loss weighs most) + this
 package's loss op with statistics. With the landscape, the collector's per-micro-batch work
 (:class:`eaft_megatron.train.landscape_stats._Accumulator`) is added, and its end-of-evaluation
 buffer is built once per evaluation (``--micro-batches`` micro-batches). Interleaved
@@ -23,7 +24,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

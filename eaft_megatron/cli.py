@@ -89,7 +89,8 @@ def _add_convert(sub) -> None:
     m2h.add_argument("--dtype", choices=dtypes, default=None,
                      help="default: the checkpoint's parameter dtype")
     m2h.add_argument("--hf-config", default=None,
-                     help="HF config/tokenizer directory (default: the one stored in the checkpoint)")
+                     help="HF config/tokenizer directory (default: the one stored in the "
+                          "checkpoint)")
     m2h.add_argument("--iteration", type=int, default=None, help="default: the latest")
     m2h.add_argument("--force", action="store_true",
                      help="replace a non-empty --out (never one overlapping an input)")

@@ -2,10 +2,10 @@
 megatron-core 0.19.2 defects that make such a resume fail or silently change training, worked
 around by :func:`install_optimizer_fixes` (the trainer installs it).
 
-1. Without TransformerEngine or apex, megatron-core 0.19.2's ``DistributedOptimizer.state_dict`` reads Adam's ``step`` from the
-torch optimizer's per-parameter state when neither TE nor apex is installed
-(``HAVE_APEX_OR_TE`` false: torch's own Adam, CPU or a bare GPU install) and asserts that
-exactly one value exists. Megatron-LM's ``load_checkpoint`` calls it on a freshly built
+1. Without TransformerEngine or apex, megatron-core 0.19.2's ``DistributedOptimizer.state_dict``
+reads Adam's ``step`` from the torch optimizer's per-parameter state when neither TE nor apex
+is installed (``HAVE_APEX_OR_TE`` false: torch's own Adam, CPU or a bare GPU install) and
+asserts that exactly one value exists. Megatron-LM's ``load_checkpoint`` calls it on a freshly built
 optimizer to lay out what it is about to load, when that state is still empty: every resume
 with ``--use-distributed-optimizer`` fails with a bare ``AssertionError``. The value only fills
 the param-group template; ``load_state_dict`` then sets every parameter's ``step`` from the

@@ -325,7 +325,8 @@ def _quiet_known_notices() -> None:
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|torch\.distributed)\.")
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            module=r"(megatron|torch\.distributed)\.")
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("torch.utils.cpp_extension", "megatron.core", "matplotlib"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -338,7 +339,7 @@ def _report_landscapes(root: Path, before: dict | None) -> dict:
     shares = {name: (r["confident_conflicts"] if r else None)
               for name, r in (("before", before), ("after", after))}
     if after is not None:
-        print(f"  confident conflicts on the held-out data: "
+        print("  confident conflicts on the held-out data: "
               + (f"{100 * before['confident_conflicts']:.2f}% before -> " if before else "")
               + f"{100 * after['confident_conflicts']:.2f}% after training "
               f"(entropy < {after['thresholds']['entropy']} and p(label) < "

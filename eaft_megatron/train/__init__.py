@@ -11,9 +11,9 @@
         --eval-only --eval-iters 20 --micro-batch-size 1 --global-batch-size 8   # evaluation only
 
 Running the same command again resumes the latest complete checkpoint of ``--save`` (see
-``restart.py``). The model architecture comes from the HF config stored with the checkpoint (``<load>/hf/``,
-written by ``eaft-megatron convert hf-to-megatron`` and copied into ``--save``) or
-``--hf-config DIR``; the padded vocabulary from the checkpoint. Every other flag is Megatron-LM's
+``restart.py``). The model architecture comes from the HF config stored with the checkpoint
+(``<load>/hf/``, written by ``eaft-megatron convert hf-to-megatron`` and copied into ``--save``)
+or ``--hf-config DIR``; the padded vocabulary from the checkpoint. Every other flag is Megatron-LM's
 (checkpointing, schedules, optimizer, logging). The same command runs on GPUs (NCCL, the
 transformer-engine spec when installed) and on CPU (gloo, fp32, ``eaft_megatron.compat``'s CPU
 layer and flags, added automatically). Loss: sum of ``w_t * CE_t`` over the global batch divided
@@ -26,14 +26,16 @@ models: also the load-balancing loss and the expert load, see ``metrics.py``).
 ==============  ==============================================================================
 ``main.py``     the entry point: ``--help``, command line, CPU setup, HF config into ``--save``,
                 pretrain(), one-line errors
-``argv.py``     completing and checking the command line (architecture, data, sizes, EAFT flags)
+``argv.py``     completing the command line; with ``flags.py`` (reading flags),
+                ``arch_flags.py`` (HF config -> Megatron-LM flags), ``preflight.py`` (one-line
+                checks: data, sizes, EAFT flags, the checkpoint to load)
 ``restart.py``  where a run starts: resume ``--save``'s latest complete checkpoint or fine-tune
 ``guard.py``    non-finite guard (loss, gradient norm, parameters before save), no roll-back save
 ``steps.py``    model provider, forward step + loss function, datasets provider
 ``metrics.py``  ``metrics.jsonl`` (hooks on Megatron's ``training_log`` / ``evaluate``)
 ``landscape.py`` ``--eaft-landscape DIR``: entropy x p(label) histogram, most conflicting
-                conversations (file and line), picture; ``python -m ...landscape plot``
-``patching.py`` wrapping functions of Megatron's training loop
+                conversations (file and line), picture (``eaft-megatron landscape``); the
+                statistics in ``landscape_stats.py``, the files in ``landscape_output.py``
 ==============  ==============================================================================
 """
 

@@ -117,7 +117,8 @@ def resolve_checkpoints(argv: list[str]) -> tuple[list[str], Start]:
     return out, start
 
 
-def complete_argv(argv: list[str], *, cpu: bool, te_available: bool) -> tuple[list[str], LaunchInfo]:
+def complete_argv(argv: list[str], *, cpu: bool,
+                  te_available: bool) -> tuple[list[str], LaunchInfo]:
     """``argv`` (without the program name) with the flags above added; see the module doc."""
     from ..convert import load_hf_config
 

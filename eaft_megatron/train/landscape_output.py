@@ -21,7 +21,8 @@ def share(a: float, b: float) -> float:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)``, then ``tmp`` replaces ``path`` (:func:`eaft_megatron.paths.atomic_output`)."""
+    """``write(tmp)``, then ``tmp`` replaces ``path`` (:func:`~eaft_megatron.paths.atomic_output`,
+    one file)."""
     from ..paths import atomic_output
 
     with atomic_output(path, directory=False, force=True) as tmp:

@@ -2,9 +2,10 @@
 
 Megatron-LM 0.19 has no logging callback, so the entry point wraps three functions of
 ``megatron.training.training`` that the loop calls by name (see :func:`install_metrics_hooks`):
-``training_log`` (sees each iteration's data-parallel-reduced losses), ``evaluate_and_print_results``
-(knows the iteration and whether it is the validation or test set) and ``evaluate`` (returns the
-reduced evaluation losses). Megatron's own stdout / TensorBoard / W&B logging is unchanged.
+``training_log`` (sees each iteration's data-parallel-reduced losses),
+``evaluate_and_print_results`` (knows the iteration and whether it is the validation or test
+set) and ``evaluate`` (returns the reduced evaluation losses). Megatron's own stdout /
+TensorBoard / W&B logging is unchanged.
 
 Records (written by the last rank, which holds the last pipeline stage's reduced values; floats
 at full precision, a line is flushed as soon as it is written):

@@ -1,5 +1,5 @@
-"""Checks that fail in one line before any heavy work (:func:`eaft_megatron.train.argv.complete_argv`
-runs them): prepared data present and complete, parallel sizes the model allows, EAFT flags,
+"""Checks that fail in one line before any heavy work (:func:`.argv.complete_argv` runs
+them): prepared data present and complete, parallel sizes the model allows, EAFT flags,
 the checkpoint about to be loaded (its architecture, its files, its pickled entries, its
 expert-parallel size), MoE training at TP > 1. Each raises :class:`.flags.TrainArgError`."""
 
@@ -13,8 +13,8 @@ from .arch_flags import architecture_flags
 from .flags import TrainArgError, flag_values, has_flag, int_flag
 from .restart import Start
 
-__all__ = ["check_checkpoint_files", "check_data", "check_eaft_flags", "check_expert_parallel_resume",
-           "check_moe_tensor_parallel", "check_parallel_sizes", "check_same_architecture",
+__all__ = ["check_checkpoint_files", "check_data", "check_eaft_flags",
+           "check_expert_parallel_resume", "check_moe_tensor_parallel", "check_parallel_sizes", "check_same_architecture",
            "saved_expert_parallel_size"]
 
 
@@ -68,7 +68,8 @@ def check_parallel_sizes(argv: list[str], hf_config: Any) -> None:
     heads = hf_config.num_attention_heads
     groups = getattr(hf_config, "num_key_value_heads", None) or heads
     layers = hf_config.num_hidden_layers
-    for name, size in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)):
+    for name, size in (("--tensor-model-parallel-size", tp),
+                       ("--pipeline-model-parallel-size", pp)):
         if size < 1:
             raise TrainArgError(f"{name} {size} must be >= 1")
     if heads % tp or groups % tp:
@@ -154,7 +155,8 @@ def check_checkpoint_files(root: str, iteration: int | None, *, trust: bool = Fa
 def saved_expert_parallel_size(root: str, iteration: int | None, *,
                                trust: bool = False) -> int | None:
     """``--expert-model-parallel-size`` of the run that saved a trainer checkpoint (Megatron's
-    args in its common state, unpickled with :func:`eaft_megatron.checkpoint.safe_load.load_checked`,
+    args in its common state, unpickled with
+    :func:`eaft_megatron.checkpoint.safe_load.load_checked`,
     also with ``trust``: nothing is unpickled freely before Megatron's own loader; a refusal then
     only skips this check); None for a converted checkpoint or when it cannot be read (the loader
     then says why)."""
