@@ -14,8 +14,8 @@ from .flags import TrainArgError, flag_values, has_flag, int_flag
 from .restart import Start
 
 __all__ = ["check_checkpoint_files", "check_data", "check_eaft_flags",
-           "check_expert_parallel_resume", "check_moe_tensor_parallel", "check_parallel_sizes", "check_same_architecture",
-           "saved_expert_parallel_size"]
+           "check_expert_parallel_resume", "check_moe_tensor_parallel", "check_parallel_sizes",
+           "check_same_architecture", "saved_expert_parallel_size"]
 
 
 _DATA_FLAGS = ("--data-path", "--train-data-path", "--valid-data-path")
