@@ -245,3 +245,34 @@ def test_auto_falls_back_on_cuda_with_a_log_line(monkeypatch, caplog):
     assert any("too old" in m and "PyTorch path" in m for m in logged), logged
     with pytest.raises(RuntimeError, match="impl='triton': triton 3.1.0 is too old"):
         triton_eaft.resolve_impl("triton", dtype=torch.bfloat16, **cuda)
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter does not type-check like the compiler: compile the kernels to an sm_90
+    cubin (H100/H200; Triton ships ptxas) for bf16 logits, no GPU needed. Not run: see
+    gpu_acceptance.py."""
+    from eaft_megatron.ops.triton_eaft import _kernels, interpreting
+
+    if interpreting():
+        pytest.skip("TRITON_INTERPRET is set in this process")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    partials_kernel, grad_kernel = _kernels()
+    target = GPUTarget("cuda", 90, 32)
+    sig = {"x_ptr": "*bf16", "x_stride": "i64", "label_ptr": "*i64", "part_ptr": "*fp32",
+           "part_stride": "i32", "V": "i32", "top_offset": "i32"}
+    consts = ("BLOCK", "KP", "K_LOCAL", "FULL", "TOP", "COL_TOPK")
+    sig |= dict.fromkeys(consts, "constexpr")
+    for values in ((2048, 32, 20, False, True, 3), (4096, 0, 0, True, True, 4)):
+        constexprs = {(len(sig) - len(consts) + i,): v for i, v in enumerate(values)}
+        kernel = triton.compile(ASTSource(partials_kernel, sig, constexprs), target=target,
+                                options={"num_warps": 8})
+        assert kernel.asm["cubin"], values
+    sig = {"x_ptr": "*bf16", "x_stride": "i64", "g_ptr": "*bf16", "g_stride": "i64",
+           "label_ptr": "*i64", "coef_ptr": "*fp32", "max_ptr": "*fp32", "scale_ptr": "*fp32",
+           "V": "i32", "BLOCK": "constexpr"}
+    kernel = triton.compile(ASTSource(grad_kernel, sig, {(9,): 4096}), target=target,
+                            options={"num_warps": 8})
+    assert kernel.asm["cubin"]
