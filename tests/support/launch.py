@@ -20,7 +20,6 @@ import os
 import pickle
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import traceback
@@ -28,14 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from eaft_megatron.compat.processes import free_port  # the package's one; tests import it here
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for MASTER_PORT)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world_size, port, fn, args, env, results):
