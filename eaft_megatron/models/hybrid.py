@@ -115,6 +115,11 @@ def _layer_specs(config: Any, te: bool, num_experts: int | None) -> tuple[Module
         deltanet = GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear,
                                            out_norm=_LocalRMSNorm, out_proj=RowParallelLinear)
         input_norm = norm
+        if num_experts:  # TE's MoE layers keep pre_mlp_layernorm separate (layers.py)
+            from .layers import moe_layer_keys
+
+            attention.sharded_state_dict_keys_map = moe_layer_keys(
+                attention.sharded_state_dict_keys_map)
         keys_map = dict(attention.sharded_state_dict_keys_map,
                         **{"input_layernorm.": "self_attention.in_proj.layer_norm_"})
     deltanet_layer = TransformerLayerSubmodules(

@@ -155,6 +155,15 @@ def _fixed_eps(norm: Any, eps: float) -> Callable:
     return build
 
 
+def moe_layer_keys(keys_map: dict[str, str]) -> dict[str, str]:
+    """A local spec's checkpoint-name map for a MoE layer. megatron's local spec stores the
+    pre-MLP norm as ``mlp.linear_fc1.layer_norm_weight`` (where TransformerEngine fuses it) in
+    every layer, but TransformerEngine's MoE layers keep it a separate ``pre_mlp_layernorm``
+    (no fused linear follows it): without this, a MoE checkpoint saved on one path misses that
+    norm on the other."""
+    return {k: v for k, v in keys_map.items() if k != "pre_mlp_layernorm."}
+
+
 def layer_spec(arch: ArchSpec, *, te: bool, num_experts: int | None = None,
                qk_layernorm: bool | None = None, q_lora: bool = True) -> ModuleSpec:
     """The transformer layer spec for ``arch``: TransformerEngine modules if ``te`` (input and
@@ -195,6 +204,8 @@ def layer_spec(arch: ArchSpec, *, te: bool, num_experts: int | None = None,
         else:
             sub = get_gpt_layer_local_submodules(qk_layernorm=qk_layernorm,
                                                  normalization="RMSNorm", **moe)
+            if num_experts:
+                sub.sharded_state_dict_keys_map = moe_layer_keys(sub.sharded_state_dict_keys_map)
         norm = LocalSpecProvider().layer_norm(rms_norm=True)
     if not arch.sandwich_norms:
         return ModuleSpec(module=TransformerLayer, submodules=sub)

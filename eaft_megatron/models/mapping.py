@@ -57,16 +57,29 @@ TE_RENAMES = {
 Getter = Callable[[str], torch.Tensor]
 
 
-def to_te_name(name: str, *, moe_layer: bool = False, linear_layer: bool = False) -> str:
+# Multi-latent attention: TE keeps the input norm separate (the down projections are plain
+# linears) and fuses the latent norms into the up projections.
+TE_RENAMES_MLA = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.q_layernorm.weight": "self_attention.linear_q_up_proj.layer_norm_weight",
+    "self_attention.kv_layernorm.weight": "self_attention.linear_kv_up_proj.layer_norm_weight",
+}
+
+
+def to_te_name(name: str, *, moe_layer: bool = False, linear_layer: bool = False,
+               mla: bool = False) -> str:
     """The TransformerEngine-spec name of a local-spec Megatron parameter name.
 
     In a MoE layer the pre-MLP norm stays a separate module (no fused linear follows it); in a
-    gated-DeltaNet layer the input norm is fused into the DeltaNet's ``in_proj``."""
+    gated-DeltaNet layer the input norm is fused into the DeltaNet's ``in_proj``; with
+    multi-latent attention (``mla``) see ``TE_RENAMES_MLA``."""
     prefix, _, leaf = name.rpartition(".layers.")
     if prefix:
         index, _, rest = leaf.partition(".")
         if moe_layer and rest == "pre_mlp_layernorm.weight":
             return name
+        if mla and rest in TE_RENAMES_MLA:
+            return f"{prefix}.layers.{index}.{TE_RENAMES_MLA[rest]}"
         if linear_layer and rest == "input_layernorm.weight":
             return f"{prefix}.layers.{index}.self_attention.in_proj.layer_norm_weight"
         if rest in TE_RENAMES:
@@ -110,9 +123,10 @@ def fill_names(template: str, layer: int | None, expert: int | None = None) -> s
 
 
 def _name(m: Mapping, layer: int | None, te: bool, expert: int | None = None,
-          moe_layer: bool = False, linear_layer: bool = False) -> str:
+          moe_layer: bool = False, linear_layer: bool = False, mla: bool = False) -> str:
     name = fill_names(m.megatron, layer, expert)
-    return to_te_name(name, moe_layer=moe_layer, linear_layer=linear_layer) if te else name
+    return to_te_name(name, moe_layer=moe_layer, linear_layer=linear_layer, mla=mla) if te \
+        else name
 
 
 def _te(te: bool | None) -> bool:
@@ -125,7 +139,7 @@ def _named_steps(arch: ArchSpec, hf_config: Any, te: bool
     for m, layer, expert in _steps(arch, hf_config):
         is_moe = layer is not None and bool(moe[layer])
         is_linear = layer is not None and bool(linear[layer])
-        yield m, layer, expert, _name(m, layer, te, expert, is_moe, is_linear)
+        yield m, layer, expert, _name(m, layer, te, expert, is_moe, is_linear, arch.mla)
 
 
 def hf_names(arch: ArchSpec, hf_config: Any) -> list[str]:
