@@ -241,6 +241,8 @@ def install_cpu_compat() -> bool:
     if _saved:
         return True
     import megatron.core.datasets.utils as datasets_utils
+    import megatron.core.ssm.gated_delta_net.common as gdn_common
+    import megatron.core.ssm.gated_delta_net.gdn as gdn
     import megatron.core.tensor_parallel.random as mcore_random
     import megatron.core.transformer.moe.moe_utils as moe_utils
     import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
@@ -270,6 +272,24 @@ def install_cpu_compat() -> bool:
         # arrays (only CUDA tensors are moved); here they already are on the host.
         for owner in (moe_utils, token_dispatcher):
             _patch(owner, "maybe_move_tensor_to_cpu", _move_to_host)
+        # The gated DeltaNet (megatron.core.ssm.gated_delta_net) refuses to build without fla
+        # (flash-linear-attention: Triton, CUDA only) and calls its causal_conv1d, l2norm and
+        # chunk_gated_delta_rule (gdn.py imported two by name, common.py holds l2norm).
+        # compat/deltanet.py computes the same in plain PyTorch (the delta rule by megatron's
+        # own torch_chunk_gated_delta_rule), restarting at packed-document boundaries as fla.
+        # jit_fuser (torch.compile) on three of its helpers would compile each with inductor on
+        # CPU (a C++ toolchain, ~20 s per process): they run eagerly.
+        if not gdn_common.HAVE_FLA:
+            from . import deltanet
+
+            _patch(gdn_common, "HAVE_FLA", True)
+            _patch(gdn_common, "l2norm", deltanet.l2norm)
+            _patch(gdn, "causal_conv1d", deltanet.causal_conv1d)
+            _patch(gdn, "chunk_gated_delta_rule", deltanet.chunk_gated_delta_rule)
+            for name in ("_apply_gated_norm", "_prepare_input_for_gated_delta_rule",
+                         "_compute_g_and_beta"):
+                _patch(gdn_common._GDNBase, name,
+                       deltanet.eager(getattr(gdn_common._GDNBase, name)))
         # initialize._compile_dependencies runs `make` on a Makefile the wheel lacks, then exits;
         # the wheel already ships the built helpers_cpp extension.
         _patch(datasets_utils, "compile_helpers", _no_compile_helpers)

@@ -89,16 +89,23 @@ def _input_dir(path: str | os.PathLike, what: str) -> Path:
 
 
 def load_hf_config(directory: str | os.PathLike):
-    """``AutoConfig`` from a local directory only (no hub, no remote code)."""
+    """``AutoConfig`` from a local directory only (no hub, no remote code); for a
+    vision-language architecture the language model's config (``models.language_model_config``:
+    its ``text_config`` with the top-level ``architectures``)."""
     from transformers import AutoConfig
+
+    from ..models import language_model_config
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise ConversionError(f"no config.json in {directory}")
     try:
-        return AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(directory, local_files_only=True,
+                                            trust_remote_code=False)
     except (ValueError, OSError, KeyError) as e:
         raise ConversionError(f"cannot read the HF config in {directory}: {e}") from e
+    with _as_conversion_error():
+        return language_model_config(config)
 
 
 def _config_dtype(hf_config) -> torch.dtype | None:
@@ -197,6 +204,7 @@ def hf_to_megatron(
     with _as_conversion_error():
         arch = models.get_arch(hf_config)
         models.check_parallel_sizes(hf_config, tp, pp)
+        models.linear_attention_config_from_hf(hf_config, arch)  # layer_types megatron lacks
         padded_vocab = models.padded_vocab_size(hf_config.vocab_size, tp)
     torch_dtype = _resolve_dtype(dtype, _config_dtype(hf_config))
 
@@ -273,10 +281,12 @@ def hf_to_megatron(
 
 
 def _extra_hf_tensors(arch, hf_config, present: set[str]) -> list[str]:
-    """Names of the HF tensors in layers ``num_hidden_layers ..`` + ``arch.extra_hf_layers``."""
+    """Names of the HF tensors in layers ``num_hidden_layers ..`` + ``arch.extra_hf_layers``
+    and under ``arch.extra_hf_prefixes`` (Qwen3.5's ``mtp.`` head and vision tower)."""
     count = int(getattr(hf_config, arch.extra_hf_layers, 0) or 0) if arch.extra_hf_layers else 0
     first = hf_config.num_hidden_layers
     prefixes = tuple(f"model.layers.{first + i}." for i in range(count))
+    prefixes += tuple(arch.extra_hf_prefixes)
     return sorted(n for n in present if prefixes and n.startswith(prefixes))
 
 

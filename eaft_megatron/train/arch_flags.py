@@ -41,6 +41,14 @@ def architecture_flags(hf_config: Any) -> tuple[list[tuple[str, str]], list[str]
         ("--attention-dropout", float(c.attention_dropout)),
     ]
     switches = ["--group-query-attention", "--swiglu", "--disable-bias-linear"]
+    if getattr(c, "multi_latent_attention", False):  # GLM-4.7-Flash: megatron's MLA
+        switches[0] = "--multi-latent-attention"  # Megatron-LM: exclusive with GQA
+        values += [("--kv-lora-rank", c.kv_lora_rank), ("--qk-head-dim", c.qk_head_dim),
+                   ("--qk-pos-emb-head-dim", c.qk_pos_emb_head_dim),
+                   ("--v-head-dim", c.v_head_dim), ("--rope-type", c.rope_type),
+                   ("--rotary-scaling-factor", float(c.rotary_scaling_factor))]
+        if c.q_lora_rank is not None:
+            values.append(("--q-lora-rank", c.q_lora_rank))
     if c.add_qkv_bias:
         switches.append("--add-qkv-bias")
     if c.qk_layernorm:
@@ -72,6 +80,20 @@ def architecture_flags(hf_config: Any) -> tuple[list[tuple[str, str]], list[str]
         if c.moe_router_topk_scaling_factor:
             values.append(("--moe-router-topk-scaling-factor",
                            float(c.moe_router_topk_scaling_factor)))
+    if c.experimental_attention_variant == "gated_delta_net":  # Qwen3.5: DeltaNet layers
+        values += [
+            ("--experimental-attention-variant", "gated_delta_net"),
+            ("--linear-attention-freq", "[" + ",".join(map(str, c.linear_attention_freq)) + "]"),
+            ("--linear-conv-kernel-dim", c.linear_conv_kernel_dim),
+            ("--linear-key-head-dim", c.linear_key_head_dim),
+            ("--linear-value-head-dim", c.linear_value_head_dim),
+            ("--linear-num-key-heads", c.linear_num_key_heads),
+            ("--linear-num-value-heads", c.linear_num_value_heads),
+        ]
+    if c.attention_output_gate:
+        switches.append("--attention-output-gate")
+    if c.layernorm_zero_centered_gamma:  # RMSNorm scaled by 1 + weight
+        switches.append("--apply-layernorm-1p")
     return [(f, _fmt(v)) for f, v in values], switches
 
 

@@ -41,6 +41,7 @@ from .flags import TrainArgError, drop_flag, flag_value, flag_values, has_flag
 from .preflight import (
     check_checkpoint_files,
     check_data,
+    check_deltanet_packing,
     check_eaft_flags,
     check_expert_parallel_resume,
     check_moe_tensor_parallel,
@@ -176,5 +177,7 @@ def complete_argv(argv: list[str], *, cpu: bool,
         for flag in gpu_fallback_flags(te_available=te_available):
             if not has_flag(argv, flag.split()[0]):
                 add(*flag.split())
+    check_deltanet_packing(argv, hf_config, transformer_impl=flag_value(
+        argv + added, "--transformer-impl") or "transformer_engine")
     return argv + added, LaunchInfo(hf_dir=hf_dir, hf_config=hf_config, cpu=cpu, added=added,
                                     start=start)

@@ -13,7 +13,7 @@ from .arch_flags import architecture_flags
 from .flags import TrainArgError, flag_values, has_flag, int_flag
 from .restart import Start
 
-__all__ = ["check_checkpoint_files", "check_data", "check_eaft_flags",
+__all__ = ["check_checkpoint_files", "check_data", "check_deltanet_packing", "check_eaft_flags",
            "check_expert_parallel_resume", "check_moe_tensor_parallel", "check_parallel_sizes",
            "check_same_architecture", "saved_expert_parallel_size"]
 
@@ -186,6 +186,28 @@ def saved_expert_parallel_size(root: str, iteration: int | None, *,
         return int(state["args"].expert_model_parallel_size)
     except Exception:  # noqa: BLE001 - not a trainer checkpoint, or unreadable: not ours to say
         return None
+
+
+def check_deltanet_packing(argv: list[str], hf_config: Any, *, transformer_impl: str) -> None:
+    """Gated-DeltaNet hybrids (Qwen3.5) on the local spec refuse packed data: megatron-core's
+    DeltaNet restarts its state at a conversation boundary only with THD packed-sequence
+    parameters (``cu_seqlens``), which megatron's local attention does not take (the local path
+    keeps conversations apart with a dense mask, which the DeltaNet ignores), so the state of one
+    conversation would flow into the next. The TransformerEngine path (THD) is not affected."""
+    from ..data.dataset import load_summary
+    from ..models import get_arch
+
+    arch = get_arch(hf_config)
+    if transformer_impl == "transformer_engine" or not arch.linear_attention:
+        return
+    for flag, prefix in _data_prefixes(argv).items():
+        if load_summary(prefix).get("packed"):
+            raise TrainArgError(
+                f"{flag} {prefix} is packed (preprocess --pack): {arch.hf_architecture}'s gated "
+                f"DeltaNet layers would carry their state from one conversation into the next "
+                f"with --transformer-impl {transformer_impl} (megatron-core resets it only with "
+                f"THD packed sequences, which its local attention does not take); prepare the "
+                f"data without --pack, or train with --transformer-impl transformer_engine")
 
 
 def check_moe_tensor_parallel(argv: list[str], hf_config: Any, *, cpu: bool) -> None:
