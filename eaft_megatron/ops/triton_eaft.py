@@ -13,8 +13,9 @@ row in blocks of ``BLOCK`` logits, in the input dtype, accumulated in fp32:
     ``entropy="full"``: ``T = sum exp(z - m) (z - m)``, rescaled as
     ``T' = a (T + (m_old - m_new) S_old)`` with ``a = exp(m_old - m_new)``;
     ``entropy="topk"``: a running top-K' (K' = the power of two >= K, ``tl.topk`` needs one): a
-    block whose maximum exceeds the running K'-th value takes its own top-K' and merges it with
-    the running one (top-K' of the 2K' candidates); other blocks skip it;
+    block with more than ``_FEW`` values above the running K'-th takes its own top-K' and merges
+    it with the running one (top-K' of the 2K' candidates), one with a few inserts them one by
+    one in place of the running minimum, others skip it;
     the argmax (first index on ties, as ``torch.argmax``) and the label's logit.
     Writes the ``[N, C]`` float32 partials; then ONE all-gather across TP (as the PyTorch path).
 Backward kernel, one program per row, no collective: reads the logits once more and writes
@@ -129,7 +130,8 @@ def _kernels():
     @triton.jit
     def eaft_partials_kernel(x_ptr, x_stride, label_ptr, part_ptr, part_stride, V, top_offset,
                              BLOCK: tl.constexpr, KP: tl.constexpr, K_LOCAL: tl.constexpr,
-                             FULL: tl.constexpr, TOP: tl.constexpr, COL_TOPK: tl.constexpr):
+                             FULL: tl.constexpr, TOP: tl.constexpr, COL_TOPK: tl.constexpr,
+                             FEW: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         row_ptr = x_ptr + row * x_stride
         lanes = tl.arange(0, BLOCK)
@@ -139,6 +141,7 @@ def _kernels():
         arg = 0  # first index of the max (0 when all -inf, as torch.argmax)
         if KP > 0:
             run = tl.full([KP], float("-inf"), tl.float32)
+            k_lanes = tl.arange(0, KP)
         for off in range(0, V, BLOCK):
             cols = off + lanes
             x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
@@ -161,9 +164,20 @@ def _kernels():
             if KP > 0:
                 if off == 0:
                     run = tl.topk(x, KP)
-                elif bm > tl.min(run, axis=0):  # else no value of this block enters the top-K'
-                    cand = tl.reshape(tl.join(run, tl.topk(x, KP)), [2 * KP])
-                    run = tl.topk(cand, KP)
+                else:
+                    kth = tl.min(run, axis=0)
+                    above = tl.sum((x > kth).to(tl.int32), axis=0)  # may enter the top-K'
+                    if above > FEW:  # the block's own top-K', merged with the running one
+                        cand = tl.reshape(tl.join(run, tl.topk(x, KP)), [2 * KP])
+                        run = tl.topk(cand, KP)
+                    elif above > 0:  # a few: each replaces the running minimum if larger
+                        xa = tl.where(x > kth, x, float("-inf"))
+                        for _ in range(above):
+                            v = tl.max(xa, axis=0)
+                            xa = tl.where(lanes == tl.argmax(xa, axis=0, tie_break_left=True),
+                                          float("-inf"), xa)
+                            low = tl.argmin(run, axis=0, tie_break_left=True)
+                            run = tl.where(k_lanes == low, tl.maximum(run, v), run)
         label = tl.load(label_ptr + row)  # local column of the label, -1 if not on this rank
         z_label = tl.load(row_ptr + tl.maximum(label, 0), mask=label >= 0, other=0.0)
         out = part_ptr + row * part_stride
@@ -173,7 +187,8 @@ def _kernels():
         if FULL:
             tl.store(out + 3, t)
         if KP > 0:
-            k_lanes = tl.arange(0, KP)
+            if K_LOCAL < KP:  # the K_LOCAL largest of the (unordered) running top-K'
+                run = tl.topk(run, KP)
             tl.store(out + COL_TOPK + k_lanes, run, mask=k_lanes < K_LOCAL)
         if TOP:
             tl.store(out + COL_TOPK + K_LOCAL, (arg + top_offset).to(tl.float32))
@@ -204,6 +219,12 @@ def _kernels():
     return eaft_partials_kernel, eaft_grad_kernel
 
 
+# A block with at most this many values above the running K'-th inserts them one by one (a max
+# and an argmin each) instead of a bitonic top-K' of the whole block (log2(K') (log2(K') + 1) / 2
+# compare-and-swap passes over it): after the first blocks of a row, most blocks have 0-4.
+_FEW = 8
+
+
 def block_size(vocab_local: int, kp: int) -> int:
     """Logits per block. GPU: 4096 (2048 when a top-K is kept; untuned). Under the interpreter:
     64 (at least K'), so that test rows of a few hundred logits span several blocks."""
@@ -226,7 +247,7 @@ def eaft_partials(logits_2d: torch.Tensor, label_local: torch.Tensor, partials: 
         logits_2d, logits_2d.stride(0), label_local, partials, partials.stride(0), vocab_local,
         0 if top_offset is None else top_offset,
         BLOCK=block_size(vocab_local, kp), KP=kp, K_LOCAL=k_local, FULL=full,
-        TOP=top_offset is not None, COL_TOPK=4 if full else 3,
+        TOP=top_offset is not None, COL_TOPK=4 if full else 3, FEW=_FEW,
         num_warps=8 if logits_2d.device.type == "cuda" else 1,
     )
 

@@ -7,8 +7,9 @@ suite are unaffected. The
 interpreter has no bf16 arithmetic (it handles bf16 as raw 16-bit integers and compares their
 bits: silently wrong), so these tests use fp32 and fp16 logits; bf16 is only tested on a GPU
 (``benchmarks/gpu_acceptance.py``). The interpreter is slow (about 0.1 s per ``tl.topk``), so the
-cases are small: rows of 96-160 logits per rank, in blocks of 64 (every row spans several
-blocks).
+cases are small: rows of 96-128 logits per rank, in blocks of 64 (every row spans several
+blocks). Both ways the running top-K' takes a block in (a bitonic merge, or inserting a few
+values one by one) are exercised (rows 3-8 / row 9 of ``_edge_case``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def _edge_case(world: int, vocab_local: int):
     logits[6, :vocab_local if world > 1 else vocab_local // 2] = float("-inf")
     logits[7, ::3] = float("-inf")  # -inf logits scattered over every rank and block
     logits[8, :] = 0.5  # a uniform row: H_topK = ln K exactly, all ties
+    # descending logits with a few spikes in each shard's second block, one tying the shard's
+    # maximum: the "few values above the running K'-th" insertion path, with ties
+    logits[9] = torch.linspace(6.0, -6.0, vocab, dtype=torch.float64)
+    for r in range(world):
+        logits[9, r * vocab_local + 70] = logits[9, r * vocab_local]
+        logits[9, r * vocab_local + 80] = logits[9, r * vocab_local + 5]
     target[6] = vocab - 1  # a label the masked rank does not own
     target[7] = 1  # a label with a finite logit (column 0 is -inf)
     target[10] = -100
@@ -112,7 +119,7 @@ def _worker(rank, world):
             _compare(rank, world, group, x[rows], target[rows], loss_type=loss_type,
                      entropy=entropy, what=f"tp2 {loss_type}/{entropy}")
     for top_k in (2, 64):
-        rows = slice(None) if top_k == 2 else slice(3, 9)  # the edge rows
+        rows = slice(None) if top_k == 2 else slice(3, 10)  # the edge rows
         _compare(rank, world, group, x[rows], target[rows], top_k=top_k,
                  what=f"tp2 eaft k{top_k}")
     # ignore_index other than -100, and no tokens at all
@@ -125,7 +132,7 @@ def _worker(rank, world):
     # tp=1, one process each
     x1, t1 = _edge_case(1, 128)
     if rank == 0:
-        _compare(0, 1, None, x1[4:9], t1[4:9], top_k=20, what="tp1 eaft/topk k20")
+        _compare(0, 1, None, x1[4:10], t1[4:10], top_k=20, what="tp1 eaft/topk k20")
         _compare(0, 1, None, x1, t1, dtype=torch.float16, tol=2e-5, grad_tol=1e-3,
                  loss_type="dft", entropy="full", what="tp1 fp16 dft/full")
     else:
@@ -263,9 +270,9 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     target = GPUTarget("cuda", 90, 32)
     sig = {"x_ptr": "*bf16", "x_stride": "i64", "label_ptr": "*i64", "part_ptr": "*fp32",
            "part_stride": "i32", "V": "i32", "top_offset": "i32"}
-    consts = ("BLOCK", "KP", "K_LOCAL", "FULL", "TOP", "COL_TOPK")
+    consts = ("BLOCK", "KP", "K_LOCAL", "FULL", "TOP", "COL_TOPK", "FEW")
     sig |= dict.fromkeys(consts, "constexpr")
-    for values in ((2048, 32, 20, False, True, 3), (4096, 0, 0, True, True, 4)):
+    for values in ((2048, 32, 20, False, True, 3, 8), (4096, 0, 0, True, True, 4, 8)):
         constexprs = {(len(sig) - len(consts) + i,): v for i, v in enumerate(values)}
         kernel = triton.compile(ASTSource(partials_kernel, sig, constexprs), target=target,
                                 options={"num_warps": 8})
