@@ -75,6 +75,11 @@ def check_parallel_sizes(argv: list[str], hf_config: Any) -> None:
     if heads % tp or groups % tp:
         raise TrainArgError(f"--tensor-model-parallel-size {tp} does not divide the model's "
                             f"{heads} attention heads and {groups} query groups")
+    linear = [getattr(hf_config, f"linear_num_{kind}_heads", None) or 0
+              for kind in ("key", "value")]
+    if any(n % tp for n in linear):  # gated DeltaNet (Qwen3.5, Qwen3-Next)
+        raise TrainArgError(f"--tensor-model-parallel-size {tp} does not divide the model's "
+                            f"gated-DeltaNet heads ({linear[0]} key, {linear[1]} value)")
     ep = int_flag(argv, "--expert-model-parallel-size", 1)
     etp = int_flag(argv, "--expert-tensor-parallel-size", tp)
     if ep != 1 or etp != tp:

@@ -15,6 +15,7 @@ HF, reloaded by transformers, whose CE equals the run's final evaluation.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -82,10 +83,21 @@ def test_training_lowers_the_loss_and_exports(tiny):
     assert ref["ce"] < _reference(tiny["root"] / "hf", tiny["data"])["ce"]
 
 
-def test_packed_data_is_refused_on_cpu(tiny):
+def test_refused_before_starting(tiny):
+    """Packed data on CPU (the DeltaNet state would cross conversations) and a TP that does not
+    divide the DeltaNet heads: one line each, before any launch."""
     from eaft_megatron.train.argv import TrainArgError, complete_argv
 
     common = ["--load", str(tiny["root"] / "mcore"), *COMMON, "--train-iters", "2"]
+    odd = tiny["root"] / "odd_heads"  # 1 DeltaNet key head: TP=2 divides only the attention
+    odd.mkdir(exist_ok=True)
+    raw = json.loads((tiny["root"] / "hf" / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps(dict(raw, linear_num_key_heads=1,
+                                                     linear_num_value_heads=2)))
+    with pytest.raises(TrainArgError, match=r"^--tensor-model-parallel-size 2 does not divide "
+                       r"the model's gated-DeltaNet heads \(1 key, 2 value\)$"):
+        complete_argv(["--hf-config", str(odd), *COMMON, "--train-iters", "2", "--data-path",
+                       str(tiny["data"])], cpu=True, te_available=False)
     with pytest.raises(TrainArgError, match=r"is packed \(preprocess --pack\): "
                        r"Qwen3_5ForCausalLM's gated DeltaNet layers would carry their state"):
         complete_argv([*common, "--data-path", str(tiny["packed"])], cpu=True,
