@@ -45,6 +45,9 @@ ALLOWED_BACK_EDGES: dict[tuple[str, str], str] = {
     ("eaft_megatron.models.spec", "eaft_megatron.models.registry"):
         "the registry imports every architecture table, each built from spec's classes; "
         "spec's look-up by architecture name imports the registry when called",
+    ("eaft_megatron.models.layers", "eaft_megatron.models.hybrid"):
+        "the DeltaNet hybrid block spec builds on layers' helpers; layers' block spec hands "
+        "a hybrid model (layer_types) over to it when called",
     ("eaft_megatron.ops.vocab_parallel", "eaft_megatron.ops.triton_eaft"):
         "the Triton kernels build on vocab_parallel's helpers; vocab_parallel picks the "
         "kernel implementation when called (Triton is optional)",

@@ -23,9 +23,11 @@ from .errors import CheckpointError, UnsafeCheckpointError
 from .layout import (
     CONVERTED_MARK,
     HF_DIR,
+    HF_SIDE_FILES,
     METADATA_FILE,
     TRACKER,
     complete_iterations,
+    copy_side_files,
     find_hf_dir,
     find_iteration_dir,
     is_complete,
@@ -33,6 +35,7 @@ from .layout import (
     iteration_dir_name,
     latest_complete,
     read_tracker,
+    store_hf_dir,
     write_tracker,
 )
 
@@ -45,9 +48,10 @@ _LAZY = {
     "save_model_checkpoint": ".torch_dist",
 }
 
-__all__ = ["CONVERTED_MARK", "HF_DIR", "METADATA_FILE", "TRACKER", "CheckpointError",
-           "UnsafeCheckpointError", "complete_iterations", "find_hf_dir", "find_iteration_dir",
-           "is_complete", "is_converted", "iteration_dir_name", "latest_complete", "read_tracker",
+__all__ = ["CONVERTED_MARK", "HF_DIR", "HF_SIDE_FILES", "METADATA_FILE", "TRACKER",
+           "CheckpointError", "UnsafeCheckpointError", "complete_iterations", "copy_side_files",
+           "find_hf_dir", "find_iteration_dir", "is_complete", "is_converted",
+           "iteration_dir_name", "latest_complete", "read_tracker", "store_hf_dir",
            "write_tracker", *_LAZY]
 
 

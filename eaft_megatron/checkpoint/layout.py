@@ -9,26 +9,47 @@
                                                weights only, loaded with --finetune)
 
 Every name and rule about this layout lives here: the tracker, iteration directory names,
-when an iteration directory is complete, the stored ``hf/`` directory and the one finder for
-it. Pure path logic: no torch, no megatron. Errors are :class:`.errors.CheckpointError`.
+when an iteration directory is complete, the stored ``hf/`` directory (which files it holds,
+storing it, and the one finder for it). Pure path logic: no torch, no megatron. Errors are
+:class:`.errors.CheckpointError`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import CheckpointError
 
-__all__ = ["CONVERTED_MARK", "HF_DIR", "METADATA_FILE", "TRACKER", "complete_iterations",
-           "find_hf_dir", "find_iteration_dir", "is_complete", "is_converted",
-           "iteration_dir_name", "latest_complete", "read_tracker", "write_tracker"]
+__all__ = ["CONVERTED_MARK", "HF_DIR", "HF_SIDE_FILES", "METADATA_FILE", "TRACKER",
+           "complete_iterations", "copy_side_files", "find_hf_dir", "find_iteration_dir",
+           "is_complete", "is_converted", "iteration_dir_name", "latest_complete", "read_tracker",
+           "store_hf_dir", "write_tracker"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA_FILE = ".metadata"  # torch_dist's pickled index of an iteration directory
 HF_DIR = "hf"
 CONVERTED_MARK = "eaft_megatron.json"  # written by `eaft-megatron convert hf-to-megatron`
+# The files of a HF model directory that are not weights: what the stored hf/ directory holds.
+HF_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    # HF tensors the Megatron model does not hold (GLM-4.5's multi-token-prediction layers),
+    # carried through a conversion round trip (convert.EXTRA_TENSORS_FILE).
+    "extra_tensors.safetensors",
+)
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
 
@@ -127,6 +148,30 @@ def find_iteration_dir(root: str | os.PathLike, iteration: int | None = None) ->
         raise CheckpointError(f"checkpoint iteration directory {path} is missing or incomplete "
                               f"(no {METADATA_FILE})")
     return path
+
+
+def copy_side_files(src: Path, dst: Path, names: Iterable[str] = HF_SIDE_FILES) -> list[str]:
+    """Copy the config/tokenizer files that exist in ``src`` to ``dst``; return their names."""
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in names:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def store_hf_dir(hf_dir: str | os.PathLike, root: str | os.PathLike) -> Path:
+    """``<root>/hf``: the config/tokenizer files of ``hf_dir`` copied there (atomically), unless
+    it already holds a ``config.json`` or is ``hf_dir`` itself; returns it."""
+    from ..paths import atomic_output
+
+    hf_dir, target = Path(hf_dir), Path(root) / HF_DIR
+    if (target / "config.json").is_file() or target.resolve() == hf_dir.resolve():
+        return target
+    with atomic_output(target, force=True) as tmp:
+        copy_side_files(hf_dir, tmp)
+    return target
 
 
 def find_hf_dir(*roots: str | os.PathLike | None,

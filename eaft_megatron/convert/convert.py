@@ -40,7 +40,9 @@ import torch
 from ..checkpoint import (
     CONVERTED_MARK,
     HF_DIR,
+    HF_SIDE_FILES,
     checkpoint_tensor_shapes,
+    copy_side_files,
     find_hf_dir,
     find_iteration_dir,
     load_model_weights,
@@ -49,7 +51,7 @@ from ..checkpoint import (
 )
 from ..paths import atomic_output, check_output
 from ..progress import Progress
-from .io import ConversionError, SafetensorsReader, ShardedSafetensorsWriter, copy_side_files
+from .io import ConversionError, SafetensorsReader, ShardedSafetensorsWriter
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
@@ -409,8 +411,6 @@ def megatron_to_hf(
 
 
 def _side_names(directory: Path) -> list[str]:
-    from .io import HF_SIDE_FILES
-
     return [n for n in HF_SIDE_FILES if (directory / n).is_file()]
 
 

@@ -1,4 +1,5 @@
-"""File-level helpers for conversion: streaming safetensors, the HF side files.
+"""File-level helpers for conversion: streaming safetensors (the HF side files that travel with a
+checkpoint are :mod:`eaft_megatron.checkpoint.layout`'s).
 
 Nothing here knows about architectures or Megatron; ``convert.py`` combines these with the
 tables in :mod:`eaft_megatron.models`. Output directories (overlap checks, atomic temporaries,
@@ -10,48 +11,18 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
 from ..checkpoint.errors import CheckpointError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-# Files of a HF model directory that are not weights and travel with a converted checkpoint.
-HF_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    # HF tensors the Megatron model does not hold (GLM-4.5's multi-token-prediction layers),
-    # carried through a conversion round trip (convert.EXTRA_TENSORS_FILE).
-    "extra_tensors.safetensors",
-)
 
 
 # A checkpoint or model directory that cannot be converted (message says why): the checkpoint
 # package's one error type, under the name the conversion API has always raised.
 ConversionError = CheckpointError
-
-
-def copy_side_files(src: Path, dst: Path, names: Iterable[str] = HF_SIDE_FILES) -> list[str]:
-    """Copy the config/tokenizer files that exist in ``src`` to ``dst``; return their names."""
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name in names:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
 
 
 # safetensors dtype names <-> torch dtypes (the format: an 8-byte little-endian header length,

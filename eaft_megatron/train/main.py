@@ -87,19 +87,6 @@ def _padded_vocab(args: Any, hf_config: Any) -> int:
                              args.make_vocab_size_divisible_by)
 
 
-def _store_hf_dir(hf_dir: Path, save: str) -> None:
-    """Copy the HF config/tokenizer files into ``<save>/hf`` (atomically, once)."""
-    from ..checkpoint import HF_DIR
-    from ..convert.io import copy_side_files
-    from ..paths import atomic_output
-
-    target = Path(save) / HF_DIR
-    if (target / "config.json").is_file() or target.resolve() == hf_dir.resolve():
-        return
-    with atomic_output(target, force=True) as tmp:
-        copy_side_files(hf_dir, tmp)
-
-
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -202,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         skip_helper_build()
     if args.save and args.rank == 0:
         os.makedirs(args.save, exist_ok=True)
-        _store_hf_dir(info.hf_dir, args.save)
+        from ..checkpoint import store_hf_dir
+
+        store_hf_dir(info.hf_dir, args.save)  # the checkpoint describes itself
     log_dir = args.log_dir or args.save
     log = MetricsLog(log_dir, enabled=args.rank == args.world_size - 1, loss_type=args.loss_type)
     install_metrics_hooks(log)
