@@ -193,6 +193,13 @@ def _check_supported(hf_config: Any, arch: ArchSpec) -> None:
                 f"{arch.hf_architecture}: {attr}={getattr(hf_config, attr)!r} is not supported: "
                 f"{why}"
             )
+    if arch.mla and not getattr(hf_config, "q_lora_rank", None):
+        raise ValueError(
+            f"{arch.hf_architecture}: q_lora_rank=None (one q_proj, no query latent) is not "
+            "supported: megatron-core 0.19's multi-latent attention then builds linear_q_proj "
+            "as a fused norm+linear (TransformerEngine only; the local spec fails with "
+            "'qk_layernorm requires TransformerEngine or q_layernorm/kv_layernorm to be set in "
+            "the spec to build `linear_q_proj`'), a query norm transformers does not have")
     if arch.mla and not getattr(hf_config, "rope_interleave", True):
         raise ValueError(f"{arch.hf_architecture}: rope_interleave=False is not supported "
                          "(megatron-core's multi-latent attention always rotates interleaved "

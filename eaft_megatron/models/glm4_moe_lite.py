@@ -2,8 +2,7 @@
 attention (DeepSeek-V2 style) instead of grouped-query attention.
 
 Attention (megatron-core's ``MLASelfAttention``, ``MLATransformerConfig``): queries through a
-low-rank latent (``q_a_proj`` -> RMSNorm ``q_a_layernorm`` -> ``q_b_proj``; one ``q_proj``
-when ``q_lora_rank`` is None), keys and values from one compressed latent
+low-rank latent (``q_a_proj`` -> RMSNorm ``q_a_layernorm`` -> ``q_b_proj``), keys and values from one compressed latent
 (``kv_a_proj_with_mqa`` = ``[latent (kv_lora_rank); shared rotary key (qk_rope_head_dim)]``,
 RMSNorm ``kv_a_layernorm`` on the latent, ``kv_b_proj`` = per head ``[k_nope; v]``). Every
 tensor keeps its layout: megatron's projections store the same rows in the same order (per head
@@ -19,7 +18,9 @@ top-k, routed scaling, shared experts; ``mlp_layer_types`` ("dense" / "sparse") 
 layers are MoE. Checkpoints store a multi-token-prediction layer after the last one
 (``num_nextn_predict_layers``), carried through as for GLM-4.5.
 
-Not supported: ``attention_bias=True`` (megatron's MLA down projections have no bias).
+Not supported: ``attention_bias=True`` (megatron's MLA down projections have no bias);
+``q_lora_rank=None`` (one ``q_proj``: megatron-core 0.19 then wants a fused norm+linear for it,
+a TransformerEngine module and a query norm transformers does not have; see ``config.py``).
 """
 
 from __future__ import annotations
@@ -61,7 +62,6 @@ GLM4_MOE_LITE = ArchSpec(
                when="q_lora"),
         Rename(M + "self_attention.linear_q_up_proj.weight", A + "q_b_proj.weight",
                when="q_lora"),
-        Rename(M + "self_attention.linear_q_proj.weight", A + "q_proj.weight", when="no_q_lora"),
         Rename(M + "self_attention.linear_kv_down_proj.weight", A + "kv_a_proj_with_mqa.weight"),
         Rename(M + "self_attention.kv_layernorm.weight", A + "kv_a_layernorm.weight"),
         Rename(M + "self_attention.linear_kv_up_proj.weight", A + "kv_b_proj.weight"),

@@ -192,3 +192,25 @@ def test_round_trip_is_bit_exact(lite_run, layout):
     assert "model.layers.4.eh_proj.weight" in back  # the MTP layer came back
     for k in src:
         assert src[k].dtype == back[k].dtype and torch.equal(src[k], back[k]), k
+
+
+def test_what_megatron_cannot_express_is_refused_in_one_line():
+    from eaft_megatron.models import check_parallel_sizes, transformer_config_from_hf
+
+    for overrides, message in (
+            (dict(rope_interleave=False), "rope_interleave=False is not supported"),
+            (dict(attention_bias=True), "attention_bias=True is not supported: megatron-core's "
+                                        "multi-latent attention has no bias"),
+            (dict(mlp_layer_types=["dense", "sparse", "moe", "sparse"]),
+             "mlp_layer_types=['dense', 'sparse', 'moe', 'sparse'] must list 'dense' or "
+             "'sparse'")):
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            transformer_config_from_hf(lite_config(**overrides), transformer_impl="local")
+    with pytest.raises(ValueError, match=r"tensor parallel size 2 does not divide "
+                                         r"kv_lora_rank \+ qk_rope_head_dim=25"):
+        check_parallel_sizes(lite_config(kv_lora_rank=17), 2, 1)
+    with pytest.raises(ValueError, match="q_lora_rank=None .* is not supported: megatron-core "
+                                         "0.19's multi-latent attention then builds "
+                                         "linear_q_proj as a fused norm"):
+        transformer_config_from_hf(lite_config(q_lora_rank=None), transformer_impl="local")
+
