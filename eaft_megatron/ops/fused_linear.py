@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .gates import validate_gate_options
-from .triton_eaft import eaft_grad, eaft_partials, resolve_impl
+from .triton_eaft import eaft_grad, eaft_partials, resolve_impl, with_fallback
 from .vocab_parallel import (
     MAX_TOP_TOKEN_VOCAB,
     EAFTTokenStats,
@@ -284,7 +284,8 @@ def fused_linear_eaft_cross_entropy(
     k_local = min(top_k, weight.shape[0]) if need_entropy and entropy == "topk" else 0
     use_triton = resolve_impl(impl, k_local=k_local, device=hidden.device,
                               dtype=weight.dtype) == "triton"
-    if chunk_tokens is None:
+    chunk_default = chunk_tokens is None
+    if chunk_default:
         chunk_tokens = default_chunk_tokens(weight.shape[0], hidden.device, triton=use_triton,
                                             itemsize=weight.element_size())
     elif chunk_tokens < 1:
@@ -292,10 +293,17 @@ def fused_linear_eaft_cross_entropy(
     if return_stats and weight.shape[0] * world > MAX_TOP_TOKEN_VOCAB:
         raise ValueError(f"return_stats supports vocabularies up to {MAX_TOP_TOKEN_VOCAB} ids "
                          f"(top_token travels as float32), got {weight.shape[0] * world}")
-    loss, ce, prob, ent, w, mask, top = _FusedLinearEAFT.apply(
-        hidden, weight, target.long(), loss_type, top_k, float(alpha), entropy, ignore_index,
-        group, sequence_parallel, chunk_tokens, need_entropy, vocab_size, return_stats,
-        use_triton)
+    args = (hidden, weight, target.long(), loss_type, top_k, float(alpha), entropy, ignore_index,
+            group, sequence_parallel)
+    tail = (need_entropy, vocab_size, return_stats)
+    if use_triton:
+        outputs = with_fallback(
+            impl, hidden.device, lambda: _FusedLinearEAFT.apply(*args, chunk_tokens, *tail, True),
+            lambda: _FusedLinearEAFT.apply(*args, default_chunk_tokens(
+                weight.shape[0], hidden.device) if chunk_default else chunk_tokens, *tail, False))
+    else:
+        outputs = _FusedLinearEAFT.apply(*args, chunk_tokens, *tail, False)
+    loss, ce, prob, ent, w, mask, top = outputs
     if return_stats:
         return loss, EAFTTokenStats(cross_entropy=ce, target_prob=prob, entropy=ent, weight=w,
                                     mask=mask, top_token=top)

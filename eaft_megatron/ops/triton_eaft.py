@@ -98,7 +98,7 @@ def resolve_impl(impl: str, logits: torch.Tensor | None = None, *, k_local: int,
     if not on_gpu and not interpreting():
         raise ValueError(f"impl='triton' needs CUDA logits (or TRITON_INTERPRET=1, Triton's CPU "
                          f"interpreter, for tests); got logits on {device}")
-    problem = triton_problem()
+    problem = triton_problem() or _FAILED.get(device.type)
     if problem is None and dtype not in SUPPORTED_DTYPES:
         problem = f"dtype {dtype} is not supported (fp32, fp16, bf16)"
     if problem is None and logits is not None and not logits.is_contiguous():
@@ -118,6 +118,23 @@ def resolve_impl(impl: str, logits: torch.Tensor | None = None, *, k_local: int,
 @functools.lru_cache(maxsize=16)
 def _log_fallback(problem: str) -> None:  # once per distinct reason
     log.warning("vocab_parallel_eaft_cross_entropy: using the PyTorch path: %s", problem)
+
+
+_FAILED: dict[str, str] = {}  # device type -> why the kernels failed to compile or launch
+
+
+def with_fallback(impl: str, device: torch.device, run_triton, run_torch):
+    """``run_triton()``; with ``impl="auto"``, an exception raised by Triton itself (compiling or
+    launching the kernels: nothing has been written yet) switches this process to the PyTorch
+    path for ``device``'s type, with a log line, and returns ``run_torch()``."""
+    try:
+        return run_triton()
+    except Exception as e:  # noqa: BLE001 - filtered below
+        if impl != "auto" or not type(e).__module__.startswith("triton"):
+            raise
+        _FAILED[device.type] = f"the Triton kernels failed: {type(e).__name__}: {str(e)[:300]}"
+        _log_fallback(_FAILED[device.type])
+    return run_torch()
 
 
 @functools.lru_cache(maxsize=1)

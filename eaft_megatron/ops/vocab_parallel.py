@@ -443,8 +443,8 @@ def vocab_parallel_eaft_cross_entropy(
         chunk_rows: rows per chunk of the forward and backward passes of the PyTorch path
             (default: about 4 MiB of fp32 on CPU, 1 GiB on GPU).
         impl: ``"auto"`` (Triton kernels on CUDA, the PyTorch path on CPU; on CUDA a missing or
-            too old Triton, an fp64 or non-contiguous input or ``top_k`` > 128 falls back to
-            the PyTorch path with a log line), ``"triton"`` (:mod:`.triton_eaft`; on CPU only
+            too old Triton, an fp64 or non-contiguous input, ``top_k`` > 128 or kernels that
+            fail to compile or launch fall back to the PyTorch path with a log line), ``"triton"`` (:mod:`.triton_eaft`; on CPU only
             under ``TRITON_INTERPRET=1``; anything it cannot run is a one-line error) or
             ``"torch"``. Both give the same results.
         inplace_backward: allow the Triton path to write the gradient over
@@ -480,17 +480,19 @@ def vocab_parallel_eaft_cross_entropy(
     if return_stats and vocab_local * world > MAX_TOP_TOKEN_VOCAB:
         raise ValueError(f"return_stats supports vocabularies up to {MAX_TOP_TOKEN_VOCAB} ids "
                          f"(top_token travels as float32), got {vocab_local * world}")
-    from .triton_eaft import TritonVocabParallelEAFT, resolve_impl
+    from .triton_eaft import TritonVocabParallelEAFT, resolve_impl, with_fallback
 
     k_local = min(top_k, vocab_local) if need_entropy and entropy == "topk" else 0
+    args = (vocab_parallel_logits, target.long(), loss_type, top_k, float(alpha), entropy,
+            ignore_index, group, need_entropy)
+    run_torch = lambda: _VocabParallelEAFT.apply(*args, chunk_rows, return_stats)  # noqa: E731
     if resolve_impl(impl, vocab_parallel_logits, k_local=k_local) == "triton":
-        outputs = TritonVocabParallelEAFT.apply(
-            vocab_parallel_logits, target.long(), loss_type, top_k, float(alpha), entropy,
-            ignore_index, group, need_entropy, return_stats, bool(inplace_backward))
+        outputs = with_fallback(
+            impl, vocab_parallel_logits.device,
+            lambda: TritonVocabParallelEAFT.apply(*args, return_stats, bool(inplace_backward)),
+            run_torch)
     else:
-        outputs = _VocabParallelEAFT.apply(
-            vocab_parallel_logits, target.long(), loss_type, top_k, float(alpha), entropy,
-            ignore_index, group, need_entropy, chunk_rows, return_stats)
+        outputs = run_torch()
     loss, ce, prob, ent, weight, mask, top = outputs
     if return_stats:
         stats = EAFTTokenStats(cross_entropy=ce, target_prob=prob, entropy=ent, weight=weight,

@@ -283,3 +283,47 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     kernel = triton.compile(ASTSource(grad_kernel, sig, {(9,): 4096}), target=target,
                             options={"num_warps": 8})
     assert kernel.asm["cubin"]
+
+
+def test_auto_falls_back_when_the_kernels_fail(monkeypatch, caplog):
+    """impl="auto": an exception from Triton itself (compiling or launching the kernels, e.g. an
+    unsupported GPU) switches the process to the PyTorch path with a log line; impl="triton"
+    raises it. Simulated on CPU: resolve_impl is made to pick Triton, and the kernel launch to
+    raise as Triton's compiler would."""
+    from eaft_megatron import fused_linear_eaft_cross_entropy
+    from eaft_megatron.ops import fused_linear, triton_eaft
+
+    class CompilationError(Exception):
+        pass
+
+    CompilationError.__module__ = "triton.compiler.errors"
+
+    def launch(*args, **kwargs):
+        raise CompilationError("at 12:8: unsupported on this GPU (simulated)")
+
+    def pick_triton(impl, logits=None, **kwargs):
+        return "torch" if impl == "torch" else "triton"
+
+    monkeypatch.setattr(triton_eaft, "_FAILED", {})
+    for module in (triton_eaft, fused_linear):
+        monkeypatch.setattr(module, "resolve_impl", pick_triton)
+        monkeypatch.setattr(module, "eaft_partials", launch)
+    caplog.set_level("WARNING", logger=triton_eaft.__name__)
+    logits, target = make_case(0, 6, 40)
+    for impl in ("auto", "triton"):
+        x = logits.float().requires_grad_()
+        if impl == "triton":
+            with pytest.raises(CompilationError, match="simulated"):
+                vocab_parallel_eaft_cross_entropy(x, target, impl=impl)
+            continue
+        loss = vocab_parallel_eaft_cross_entropy(x, target, impl=impl)
+        ref = vocab_parallel_eaft_cross_entropy(logits.float(), target, impl="torch")
+        assert torch.equal(loss, ref)
+    assert any("Triton kernels failed: CompilationError" in r.getMessage()
+               for r in caplog.records)
+    hidden, weight = torch.randn(6, 1, 8), torch.randn(40, 8)
+    t = target.view(6, 1)
+    ref = fused_linear_eaft_cross_entropy(hidden, weight, t, impl="torch")
+    assert torch.equal(fused_linear_eaft_cross_entropy(hidden, weight, t, impl="auto"), ref)
+    with pytest.raises(CompilationError):
+        fused_linear_eaft_cross_entropy(hidden, weight, t, impl="triton")
