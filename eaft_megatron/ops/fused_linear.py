@@ -193,9 +193,10 @@ def _accumulate_grads(dz: torch.Tensor, hc: torch.Tensor, weight: torch.Tensor,
                       grad_hidden: torch.Tensor, grad_weight: torch.Tensor) -> None:
     """grad_hidden (chunk rows) = dz @ weight; grad_weight += dz.T @ hidden_chunk.
 
-    ``dz`` is [n, V_l], fp32 (or the weight's dtype, from the Triton kernel). fp32 weights: both GEMMs in fp32, the weight gradient accumulated
-    in place (no weight-sized temporary). Lower precision: GEMMs in the weight's dtype, as the
-    output layer's own backward, accumulated into the fp32 buffer.
+    ``dz`` is [n, V_l], fp32 (or the weight's dtype, from the Triton kernel). fp32 weights: both
+    GEMMs in fp32, the weight gradient accumulated in place (no weight-sized temporary). Lower
+    precision: GEMMs in the weight's dtype, as the output layer's own backward, accumulated into
+    the fp32 buffer.
     """
     if weight.dtype == torch.float32:
         torch.mm(dz, weight, out=grad_hidden)

@@ -444,9 +444,10 @@ def vocab_parallel_eaft_cross_entropy(
             (default: about 4 MiB of fp32 on CPU, 1 GiB on GPU).
         impl: ``"auto"`` (Triton kernels on CUDA, the PyTorch path on CPU; on CUDA a missing or
             too old Triton, an fp64 or non-contiguous input, ``top_k`` > 128 or kernels that
-            fail to compile or launch fall back to the PyTorch path with a log line), ``"triton"`` (:mod:`.triton_eaft`; on CPU only
-            under ``TRITON_INTERPRET=1``; anything it cannot run is a one-line error) or
-            ``"torch"``. Both give the same results.
+            fail to compile or launch fall back to the PyTorch path with a log line),
+            ``"triton"`` (:mod:`.triton_eaft`; on CPU only under ``TRITON_INTERPRET=1``;
+            anything it cannot run is a one-line error) or ``"torch"``. Both give the same
+            results.
         inplace_backward: allow the Triton path to write the gradient over
             ``vocab_parallel_logits`` (their contents are then the gradient after backward):
             the loss then adds no ``[N, V/tp]`` memory at all. Only for logits nobody reads
