@@ -28,6 +28,11 @@ to backward, and the only one created in backward: with an fp32 input it is retu
 gradient itself, with bf16/fp16 input the gradient is written chunk by chunk over the front half
 of its storage. Peak extra memory is therefore 4 bytes per logit (Megatron's own CE: 6 for bf16
 input, as its fp32 gradient is cast to bf16 by autograd; 0 for fp32 input, which it overwrites).
+
+That is the PyTorch path (``impl="torch"``, the CPU implementation). On CUDA, ``impl="auto"``
+computes the same per-token partials with the Triton kernels of :mod:`.triton_eaft` (one read of
+the logits forward, the gradient written in the input dtype backward, no fp32 buffer) and shares
+the all-gather, the merge and the gate below.
 """
 
 from __future__ import annotations
