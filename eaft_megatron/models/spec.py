@@ -126,7 +126,9 @@ class ModelDims:
         return cls(
             num_layers=hf_config.num_hidden_layers,
             hidden_size=hf_config.hidden_size,
-            ffn_hidden_size=hf_config.intermediate_size,
+            # Qwen3.5-MoE's config has no intermediate_size (every layer is MoE): megatron's
+            # dense-FFN size is then unused, and the expert size stands in for it.
+            ffn_hidden_size=getattr(hf_config, "intermediate_size", None) or moe_ffn,
             num_attention_heads=heads,
             num_query_groups=getattr(hf_config, "num_key_value_heads", None) or heads,
             head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,

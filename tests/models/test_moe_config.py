@@ -68,3 +68,25 @@ def test_expert_parallel_sizes_checked():
 
     with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
         check_parallel_sizes(CASES["qwen3"](), 1, 1, ep=2)
+
+
+def test_all_moe_config_without_intermediate_size():
+    """transformers' Qwen3.5-MoE config has no ``intermediate_size`` (every layer is MoE):
+    megatron's dense-FFN size, unused then, takes the expert size; no dense MLP is named."""
+    import transformers
+
+    from eaft_megatron.models.spec import ModelDims
+
+    config = transformers.Qwen3_5MoeTextConfig(
+        architectures=["Qwen3_5MoeForCausalLM"], vocab_size=300, hidden_size=64,
+        num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48)
+    assert not hasattr(config, "intermediate_size")
+    check_parallel_sizes(config, 2, 2, ep=2)
+    assert ModelDims.from_hf(config).ffn_hidden_size == 32
+    names = megatron_names(get_arch(config), config, te=False)
+    assert "decoder.layers.1.mlp.experts.local_experts.7.linear_fc1.weight" in names
+    assert not any(".mlp.linear_fc1." in n for n in names)
