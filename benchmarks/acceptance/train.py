@@ -44,7 +44,7 @@ def _write_sft_data(prefix: Path, *, vocab: int, seq: int, docs: int, seed: int 
             f.write(json.dumps({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
                     + "\n")
     return preprocess([jsonl], output_prefix=prefix, seq_length=seq, fmt="tokenized", pack=True,
-                      progress=False)
+                      force=True, progress=False)  # a rerun in the same work directory
 
 
 # Flags a GPU without transformer-engine and apex needs with Megatron-LM's defaults (its

@@ -3,9 +3,9 @@
 Registering it imports nothing heavy (``--help`` stays instant); ``run`` imports the pipeline.
 Exit codes: 0 done; 2 a mistake in the command or the data (one line ``eaft-megatron
 preprocess: error: ...``: missing input, bad line ``file:line: reason``, unusable tokenizer,
-output prefix overlapping an input or being written by a live run, ...); 1 a failure of the run
-itself (a worker process died, an I/O error); 128 + signal when interrupted by SIGINT / SIGTERM
-(temporary files removed).
+output prefix overlapping an input, holding a dataset without ``--force`` or being written by
+a live run, ...); 1 a failure of the run itself (a worker process died, an I/O error);
+128 + signal when interrupted by SIGINT / SIGTERM (temporary files removed).
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "SentencePiece .model file; not needed for --format tokenized")
     parser.add_argument("--output-prefix", required=True, metavar="OUT",
                         help="writes OUT_tokens.bin/.idx, OUT_loss_mask.bin/.idx, "
-                        "OUT_summary.json (replaced if present; must not overlap an input)")
+                        "OUT_provenance.npy, OUT_summary.json (must not overlap an input)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a dataset already at OUT (atomically: the old one stays "
+                        "until the new one is complete)")
     parser.add_argument("--seq-length", type=int, required=True, metavar="N",
                         help="training sequence length: longest conversation, pack size")
     parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
                 args.input, output_prefix=args.output_prefix, seq_length=args.seq_length,
                 tokenizer=args.tokenizer, fmt=args.format, pack=args.pack,
                 workers=args.workers, skip_invalid=args.skip_invalid, overlong=args.overlong,
+                force=args.force,
             )
     except (pipeline.PreprocessError, ConfigError, ValueError, FileNotFoundError) as e:
         _error(e)

@@ -262,8 +262,11 @@ def parse_line(raw: bytes | str, fmt: str = "auto") -> tuple[str, Record]:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError as e:
         raise InvalidRecord(f"invalid UTF-8: {e}") from None
+    text = text.rstrip("\r\n")  # else an error at the end of the line points past its newline
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InvalidRecord(f"invalid JSON: {e.msg} (column {e.colno})") from None
+        where = f"column {e.pos + 1}" + (" (end of the line: cut short?)"
+                                          if e.pos >= len(text.rstrip()) else "")
+        raise InvalidRecord(f"invalid JSON: {e.msg} at {where}") from None
     return parse_record(obj, fmt)

@@ -235,6 +235,7 @@ def preprocess(
     workers: int = 1,
     skip_invalid: bool = False,
     overlong: str = "truncate",
+    force: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Prepare ``inputs`` (JSONL files) into ``output_prefix``; returns the written summary.
@@ -242,7 +243,8 @@ def preprocess(
     Raises :class:`PreprocessError` for a bad line (``file:line: reason``) or a set-up problem
     met while reading, :class:`ConfigError` for an unusable tokenizer, ``ValueError`` /
     ``FileNotFoundError`` for bad arguments, ``paths.UnsafePathError`` (a ``ValueError``) for an
-    output prefix that overlaps an input or that a live run is writing, and
+    output prefix that overlaps an input, that a live run is writing, or that already holds
+    a dataset (unless ``force``: the new one then replaces it when complete), and
     ``workers.WorkerDied`` when a worker process dies (naming the chunk it held). Nothing is
     left at ``output_prefix`` on failure. ``progress``: see :mod:`eaft_megatron.progress`.
     """
@@ -252,7 +254,7 @@ def preprocess(
     inputs = [os.fspath(p) for p in inputs]
     output_prefix = os.fspath(output_prefix)
     _validate(inputs, seq_length=seq_length, fmt=fmt, workers=workers, overlong=overlong)
-    check_outputs(output_prefix, inputs)
+    check_outputs(output_prefix, inputs, force=force)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     if tok is None and fmt not in ("auto", "tokenized"):
         raise ConfigError(f"--format {fmt} needs --tokenizer (only 'tokenized' input does not)")

@@ -89,10 +89,11 @@ def _relation(prefix: str, path: str) -> str:
     return "is inside" if b in a.parents else "contains" if a in b.parents else "overlaps"
 
 
-def check_outputs(prefix: str, inputs: list[str], *, report=None) -> None:
+def check_outputs(prefix: str, inputs: list[str], *, force: bool = False, report=None) -> None:
     """Before any work: refuse a prefix that is, is inside or contains an input, or whose files
-    would overwrite one (symlinks resolved); remove (and report) temporaries of killed runs of
-    this prefix; refuse if a live run is writing it. Raises ``UnsafePathError``."""
+    would overwrite one (symlinks resolved); refuse a prefix holding a dataset (any of its
+    files) unless ``force``; remove (and report) temporaries of killed runs of this prefix;
+    refuse if a live run is writing it. Raises ``UnsafePathError``."""
     for path in inputs:
         if overlaps(prefix, path):
             raise UnsafePathError(f"--output-prefix {prefix} {_relation(prefix, path)} the input "
@@ -108,6 +109,12 @@ def check_outputs(prefix: str, inputs: list[str], *, report=None) -> None:
     for final in output_files(prefix):
         check_output(final, force=True, directory=False)  # not a directory
         remove_stale_temps(final, **({} if report is None else {"report": report}))
+    existing = [f for f in output_files(prefix) if os.path.lexists(f)]
+    if existing and not force:
+        raise UnsafePathError(f"--output-prefix {prefix} already holds a dataset "
+                              f"({', '.join(os.path.basename(f) for f in existing[:2])}"
+                              f"{', ...' if len(existing) > 2 else ''}): choose another prefix, "
+                              f"or pass --force to replace it")
 
 
 class _IndexedFile:

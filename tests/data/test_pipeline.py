@@ -266,7 +266,7 @@ def test_atomic_output(tmp_path, tokenizer_dirs, monkeypatch):
 
     monkeypatch.setattr(writer_module.DatasetWriter, "add_sample", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        preprocess([path], output_prefix=prefix, **kw)
+        preprocess([path], output_prefix=prefix, force=True, **kw)
     monkeypatch.setattr(writer_module.DatasetWriter, "add_sample", real_add)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
@@ -283,7 +283,7 @@ def test_atomic_output(tmp_path, tokenizer_dirs, monkeypatch):
     monkeypatch.setattr(writer_module.os, "replace", dies)
     with pytest.raises(OSError, match="killed"):
         preprocess([path], output_prefix=prefix, seq_length=32, tokenizer=kw["tokenizer"],
-                   progress=False)
+                   force=True, progress=False)
     monkeypatch.setattr(writer_module.os, "replace", real_replace)
     assert not (tmp_path / "out_summary.json").exists()
     assert not any(".tmp-" in name for name in files_in(tmp_path))

@@ -293,3 +293,49 @@ def test_mistakes_are_one_line_and_exit_2(tmp_path, capsys, tokenizer_dirs):
     unknown = write_jsonl(tmp_path / "unknown.jsonl", [{"prompt": "x"}])
     _refused(tmp_path, capsys, ["--input", unknown, "--tokenizer", tokenizer_dirs["chatml"], *out],
              f"{unknown}:1: unknown format: keys 'prompt'")
+
+
+def test_malformed_line_names_the_real_column(tmp_path, capsys):
+    line = json.dumps({"input_ids": list(range(5, 30)), "labels": list(range(5, 30))})
+    cut = tmp_path / "cut.jsonl"  # a line cut short: the error is at its end, not "column 1"
+    cut.write_text(json.dumps(TOKENIZED) + "\n" + line[:-1] + "\n")
+    typo = tmp_path / "typo.jsonl"  # a missing comma at column 91 of a CRLF line
+    assert line[88] == ","
+    bad = line[:88] + " " + line[89:]  # "24  25": the parser stops at "25", column 91
+    typo.write_bytes((bad + "\r\n").encode())
+    out = ["--format", "tokenized", "--output-prefix", tmp_path / "o", "--seq-length", "64"]
+    _refused(tmp_path, capsys, ["--input", cut, *out],
+             f"{cut}:2: invalid JSON: Expecting ',' delimiter at column {len(line)} (end of "
+             f"the line: cut short?)")
+    _refused(tmp_path, capsys, ["--input", typo, *out],
+             f"{typo}:1: invalid JSON: Expecting ',' delimiter at column 91 (pass")
+
+
+def test_existing_prefix_needs_force_and_is_replaced_atomically(tmp_path, capsys, monkeypatch):
+    from eaft_megatron.data import writer as writer_module
+
+    one = write_jsonl(tmp_path / "one.jsonl", [TOKENIZED])
+    two = write_jsonl(tmp_path / "two.jsonl", [TOKENIZED, {"input_ids": [9, 10, 11]}])
+    prefix = tmp_path / "out" / "d"
+    args = ["--format", "tokenized", "--output-prefix", prefix, "--seq-length", "16"]
+    assert main(["preprocess", "--input", str(one), *map(str, args)]) == 0
+    capsys.readouterr()
+    _refused(tmp_path, capsys, ["--input", two, *args],
+             f"--output-prefix {prefix} already holds a dataset (d_summary.json, d_tokens.bin, "
+             f"...): choose another prefix, or pass --force to replace it")
+    (tmp_path / "out" / "d_summary.json").unlink()  # an incomplete dataset is refused too
+    _refused(tmp_path, capsys, ["--input", two, *args], "d_tokens.bin, d_tokens.idx, ...")
+    assert main(["preprocess", "--input", str(one), *map(str, args), "--force"]) == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+
+    def dies(self, *a):  # --force: a run failing half-way leaves the old dataset as it was
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(writer_module.DatasetWriter, "add_sample", dies)
+    assert main(["preprocess", "--input", str(two), *map(str, args), "--force"]) == 1
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert main(["preprocess", "--input", str(two), *map(str, args), "--force"]) == 0
+    assert read_back(prefix)[0] == [TOKENIZED["input_ids"], [9, 10, 11]]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in before)
