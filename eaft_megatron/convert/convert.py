@@ -292,13 +292,27 @@ def _extra_hf_tensors(arch, hf_config, present: set[str]) -> list[str]:
     return sorted(n for n in present if prefixes and n.startswith(prefixes))
 
 
+# What a carried tensor belongs to, by a part of its name (the first match names it).
+_CARRIED_KINDS = ((".visual.", "vision tower"), (".mtp.", "multi-token prediction"),
+                  (".model.layers.", "multi-token prediction"))
+
+
+def _carried_description(names: list[str]) -> str:
+    """What the carried HF tensors ``names`` are, e.g. "vision tower, multi-token prediction"
+    ("other" for a name no kind covers)."""
+    found = {next((kind for part, kind in _CARRIED_KINDS if part in f".{name}"), "other")
+             for name in names}
+    return ", ".join(dict.fromkeys(k for _, k in (*_CARRIED_KINDS, ("", "other")) if k in found))
+
+
 def _write_extra_tensors(path: Path, reader: SafetensorsReader, names: list[str]) -> None:
-    """One safetensors file of the named HF tensors, unchanged (one extra layer's worth)."""
+    """One safetensors file of the named HF tensors, unchanged (GLM-4.5's MTP layers, Qwen3.5's
+    MTP head and vision tower); its metadata says which of these it holds."""
     from safetensors.torch import save_file
 
     save_file({n: reader.get(n).contiguous() for n in names}, str(path),
               metadata={"format": "pt", "eaft_megatron": "HF tensors the Megatron model does "
-                        "not hold (multi-token prediction), written back on export"})
+                        f"not hold ({_carried_description(names)}), written back on export"})
 
 
 def non_finite_tensors(tensors: dict[str, torch.Tensor], *, chunk: int = 1 << 24) -> list[str]:

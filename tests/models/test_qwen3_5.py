@@ -236,6 +236,26 @@ def test_round_trip_is_bit_exact(runs, case, layout):
         assert src[k].dtype == back[k].dtype and torch.equal(src[k], back[k]), k
 
 
+def test_carried_tensors_file_says_what_it_holds(tmp_path):
+    """A vision-language checkpoint with an MTP head: ``hf/extra_tensors.safetensors`` holds
+    the vision tower and the MTP head unchanged, and its metadata names both."""
+    from safetensors import safe_open
+
+    _, _, saved = build("qwen3_5_vl", tmp_path / "hf")
+    gen = torch.Generator().manual_seed(1)
+    saved.update({k: torch.randn(s, generator=gen) for k, s in MTP_TENSORS.items()})
+    save_file(saved, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    hf_to_megatron(tmp_path / "hf", tmp_path / "mc", progress=False)
+    with safe_open(tmp_path / "mc" / "hf" / "extra_tensors.safetensors", "pt") as f:
+        assert f.metadata()["eaft_megatron"] == (
+            "HF tensors the Megatron model does not hold (vision tower, multi-token "
+            "prediction), written back on export")
+        carried = {n: f.get_tensor(n) for n in f.keys()}
+    assert sorted(carried) == sorted(n for n in saved if n.startswith(("model.visual.", "mtp.")))
+    assert any(n.startswith("mtp.") for n in carried)
+    assert all(torch.equal(t, saved[n]) for n, t in carried.items())
+
+
 def test_packed_documents_reset_the_deltanet_state_only_with_cu_seqlens(runs):
     rows = [r for r in runs["qwen3_5"]["results"] if "reset_err" in r]
     assert len(rows) == 2  # both TP ranks
