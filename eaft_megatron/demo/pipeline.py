@@ -10,7 +10,9 @@ Steps (each says what it does and where its output is):
     and a randomly initialised ``Qwen3ForCausalLM``), unless ``--hf-model`` is given (any
     supported architecture, mixtures of experts included: ``--ep`` spreads the experts);
  2. ``convert hf-to-megatron`` at ``--tp`` (default 2);
- 3. ``preprocess`` of the bundled chat dataset (or ``--data``): assistant-only loss masks;
+ 3. ``preprocess`` of the bundled chat dataset (or ``--data``): assistant-only loss masks, one
+    conversation per sample (not packed: what the trainer needs for gated-DeltaNet hybrids
+    such as Qwen3.5 on CPU, whose recurrent state would otherwise cross conversations);
  4. the trainer, ``torchrun -m eaft_megatron.train`` with EAFT on ``--tp x --pp x --ep`` ranks
     (gloo and fp32 on CPU; NCCL and bf16 on GPU), validating on held-out conversations (no prompt of
     them is in the training data), narrated from ``metrics.jsonl``; ``run/curves.png`` and
@@ -320,15 +322,18 @@ def _megatron_logits(ckpt: Path, ids):
 
 def _quiet_known_notices() -> None:
     """The demo narrates its own steps: hide megatron-core's import-time notices about optional
-    GPU packages (apex, transformer-engine), its deprecation notices, and torch's "no CUDA
-    runtime" line, which say nothing about this run. Errors still show."""
+    GPU packages (apex, transformer-engine), its deprecation notices, torch's "no CUDA
+    runtime" line, and transformers' note that a gated-DeltaNet model runs its PyTorch
+    reference kernels (no fla / causal-conv1d on CPU), which say nothing about this run.
+    Errors still show."""
     import logging
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning,
                             module=r"(megatron|torch\.distributed)\.")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("torch.utils.cpp_extension", "megatron.core", "matplotlib"):
+    for name in ("torch.utils.cpp_extension", "megatron.core", "matplotlib",
+                 "transformers.integrations.hub_kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -386,8 +391,8 @@ def run_demo(args: argparse.Namespace) -> dict:
                    f"PP={args.pp}) -> {work / 'mcore'}")
     ckpt = hf_to_megatron(hf_dir, work / "mcore", tp=args.tp, pp=args.pp, progress=True)
 
-    _say(3, total, f"Preparing the chat data {data_src} (assistant-only loss masks, "
-                   f"--seq-length {sizes.seq_length}) -> {work / 'data'}")
+    _say(3, total, f"Preparing the chat data {data_src} (assistant-only loss masks, one "
+                   f"conversation per sample, --seq-length {sizes.seq_length}) -> {work / 'data'}")
     train_jsonl, valid_jsonl = _split_data(data_src, work / "data" / "jsonl",
                                            limit=sizes.conversations)
     summaries = {name: preprocess([jsonl], output_prefix=work / "data" / name,

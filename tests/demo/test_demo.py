@@ -122,3 +122,37 @@ def test_demo_quick_moe_with_expert_parallelism(tmp_path):
         args = Namespace(**{"tp": 1, "pp": 1, "nproc": None, **sizes})
         with pytest.raises(SystemExit, match=message):
             _check_layout(args, hf)
+
+
+def test_demo_quick_gated_deltanet_hybrid(tmp_path):
+    """``demo --hf-model <Qwen3.5> --tp 2``: a gated-DeltaNet hybrid (one DeltaNet layer, one
+    gated attention layer) trains on CPU from the demo's unpacked data (one conversation per
+    sample: the trainer refuses packed data for these models on the local spec, see
+    tests/train/test_qwen3_5_train.py); the export's logits equal the Megatron model's.
+    (``--no-landscape``: the evaluation-only landscape of a hybrid is test_qwen3_5_train's.)"""
+    from tests.support.tiny_models import build_demo_qwen3_5
+
+    hf = build_demo_qwen3_5(tmp_path / "qwen3_5")
+    work = tmp_path / "demo"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+    proc = subprocess.run([sys.executable, "-m", "eaft_megatron", "demo", "--quick",
+                           "--hf-model", str(hf), "--tp", "2", "--no-landscape",
+                           "--workdir", str(work)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "(Qwen3_5ForCausalLM)" in proc.stdout and "TP=2 x PP=1" in proc.stdout
+    assert "falling back to its reference PyTorch" not in proc.stdout + proc.stderr
+    for name in ("train", "valid"):
+        summary = json.loads((work / "data" / f"{name}_summary.json").read_text())
+        assert summary["packed"] is False and summary["sequences"] == summary["documents"]
+    records = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) >= 2 and train[-1]["loss"] < train[0]["loss"]
+    result = json.loads((work / "demo_result.json").read_text())
+    assert result["check"]["max_logit_diff"] < 1e-4
+    import transformers
+
+    exported = transformers.AutoModelForCausalLM.from_pretrained(work / "hf_sft",
+                                                                 dtype=torch.float32)
+    assert exported.config.architectures == ["Qwen3_5ForCausalLM"]
+    assert exported.config.layer_types == ["linear_attention", "full_attention"]

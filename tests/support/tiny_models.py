@@ -204,5 +204,27 @@ def build_demo_moe(directory: Path) -> Path:
     return directory
 
 
+def build_demo_qwen3_5(directory: Path) -> Path:
+    """A random gated-DeltaNet hybrid ``Qwen3_5ForCausalLM`` (one DeltaNet layer, one gated
+    attention layer; 4/2 attention heads and 2/4 DeltaNet key/value heads, so TP=2 divides
+    them) sized to a tokenizer trained like the demo's own, both saved in ``directory``."""
+    from eaft_megatron.demo.assets import BUNDLED_DATA, train_tokenizer
+
+    train_tokenizer(BUNDLED_DATA, directory, vocab_size=400)
+    vocab = len(transformers.AutoTokenizer.from_pretrained(directory))
+    config = transformers.Qwen3_5TextConfig(
+        architectures=["Qwen3_5ForCausalLM"], vocab_size=vocab, hidden_size=64,
+        intermediate_size=96, num_hidden_layers=2, layer_types=["linear_attention",
+                                                                "full_attention"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_conv_kernel_dim=4, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=2, pad_token_id=0, dtype="float32")
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(
+        directory)
+    return directory
+
+
 def tokens(vocab_size: int, batch: int = 2, seq: int = 12) -> torch.Tensor:
     return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(3))

@@ -57,12 +57,29 @@ def _reference(model_dir: Path, data: Path) -> dict:
 
 
 def test_evaluation_equals_transformers(tiny):
+    """The evaluation-only run also draws the landscape (``--eaft-landscape``, as the demo's
+    before/after runs do): every supervised token once, its confident-conflict share equal to
+    transformers' at the same thresholds."""
+    from eaft_megatron.data.dataset import load_summary
+    from tests.train.test_pretrain import _hf_reference
+
+    land = tiny["root"] / "eval" / "landscape"
     run = check(run_train(tiny["root"] / "eval", "--load", str(tiny["root"] / "mcore"),
-                          "--eval-only", "--data-path", str(tiny["data"]), *COMMON, nproc=2))
+                          "--eval-only", "--data-path", str(tiny["data"]), *COMMON,
+                          "--eaft-landscape", str(land), "--eaft-conflict-entropy", "0.9",
+                          "--eaft-conflict-prob", "0.05", nproc=2))
     got = run.of("valid")[0]
-    ref = _reference(tiny["root"] / "hf", tiny["data"])
+    ref = _hf_reference(tiny["root"] / "hf", tiny["data"], conflict_entropy=0.9,
+                        conflict_prob=0.05)
     assert got["lm_loss"] == pytest.approx(ref["ce"], rel=REL)
     assert got["gate_weight"] == pytest.approx(ref["weight"], rel=REL)
+    landscape = json.loads((land / "landscape.json").read_text())
+    tokens = load_summary(str(tiny["data"]))["supervised_tokens"]
+    assert landscape["tokens"] == tokens
+    assert 0 < ref["conflicts"] < 1
+    assert landscape["confident_conflicts"] == pytest.approx(ref["conflicts"], abs=0.5 / tokens)
+    assert landscape["confident_conflicts"] == pytest.approx(got["confident_conflicts"],
+                                                             rel=1e-6, abs=1e-9)
 
 
 def test_training_lowers_the_loss_and_exports(tiny):
