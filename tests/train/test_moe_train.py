@@ -68,9 +68,8 @@ COMPARED = ("loss", "lm_loss", "gate_weight", "entropy", "confident_conflicts", 
 def build(root: Path) -> None:
     """The two tiny MoE models, saved by transformers and converted, and the data."""
     from eaft_megatron.convert import hf_to_megatron
-    from tests.support.tiny_models import build_moe
-
     from tests.support.fixtures import write_data
+    from tests.support.tiny_models import build_moe
 
     for case in ("qwen3_moe", "glm4_moe"):
         build_moe(case, root / f"{case}_hf")
