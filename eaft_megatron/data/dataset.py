@@ -85,6 +85,20 @@ def load_summary(path_prefix: str) -> dict[str, Any]:
     return summary
 
 
+def max_token_id(path_prefix: str, summary: dict[str, Any] | None = None) -> int:
+    """The largest token id of a prepared dataset: the summary's ``max_token_id`` (recorded by
+    preprocess since it exists), else read from ``OUT_tokens.bin`` (memory-mapped, in chunks
+    of 64 Mi ids: one pass over the file)."""
+    summary = load_summary(path_prefix) if summary is None else summary
+    if summary.get("max_token_id") is not None:
+        return int(summary["max_token_id"])
+    tokens = np.memmap(dataset_paths(path_prefix)["tokens"] + ".bin", mode="r",
+                       dtype=np.dtype(summary["token_dtype"]))
+    chunk = 1 << 26
+    return max((int(tokens[i:i + chunk].max()) for i in range(0, tokens.size, chunk)),
+               default=-1)
+
+
 def block_causal_mask(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor:
     """bool ``[1, S, S]``, True where attention is masked: causal and within one segment.
 

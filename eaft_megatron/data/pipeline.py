@@ -25,6 +25,7 @@ Output files: see ``writer.py``. The summary (``OUT_summary.json``) holds ``docu
 ``skipped_reasons``, ``skipped_examples`` (first 10 ``file:line: reason``), ``records``
 (non-blank lines), ``formats`` (records per detected format), ``seq_length``, ``packed``,
 ``overlong``, ``pack_fill`` (tokens / (sequences * seq_length)), ``max_document_tokens``,
+``max_token_id`` (the largest id written: the trainer compares it with the model's vocabulary),
 ``token_dtype``, ``tokenizer`` (path, kind, vocab_size, eos_id, pad_id; null for tokenized
 input without tokenizer), ``pad_id``, ``inputs``, ``elapsed_s``, ``format_version``, ``files``
 and ``provenance`` (``OUT_provenance.npy``: input file and line of every conversation).
@@ -196,6 +197,7 @@ class _Sink:
         self.packer = Packer(capacity=seq_length) if pack else None
         self.counts: Counter = Counter()
         self.max_document = 0
+        self.max_id = -1
 
     def add(self, ids: np.ndarray, mask: np.ndarray, origin: tuple[int, int] = (-1, -1)
             ) -> None:
@@ -209,6 +211,7 @@ class _Sink:
         self.counts["tokens"] += ids.size
         self.counts["supervised_tokens"] += int(mask.sum())
         self.max_document = max(self.max_document, ids.size)
+        self.max_id = max(self.max_id, int(ids.max()) if ids.size else -1)
         item = (ids, mask, origin)
         packs = [[item]] if self.packer is None else self.packer.add(ids.size, item)
         for items in packs:
@@ -307,6 +310,7 @@ def preprocess(
             "overlong": overlong,
             "pack_fill": round(counts["tokens"] / (counts["sequences"] * seq_length), 4),
             "max_document_tokens": int(sink.max_document),
+            "max_token_id": sink.max_id,
             "token_dtype": np.dtype(dtype).name,
             "tokenizer": None if tok is None else {
                 "path": os.path.abspath(tok.path), "kind": tok.kind,

@@ -18,7 +18,8 @@ The user types only what is not architecture; :func:`complete_argv` adds, unless
   (weights only, iteration 0); ``--pretrained-checkpoint`` is resolved here, Megatron never sees
   it; a checkpoint named and missing is an error;
 - checks that fail in one line before any heavy work: prepared data present and complete
-  (``--data-path`` / ``--train-data-path`` / ``--valid-data-path``), tensor/pipeline sizes that
+  (``--data-path`` / ``--train-data-path`` / ``--valid-data-path``) and tokenized for the
+  model's vocabulary (:func:`check_data_vocabulary`), tensor/pipeline sizes that
   divide heads, query groups and layers (and an expert-parallel size that divides the experts),
   EAFT flags, a pretrained checkpoint of another architecture than ``--hf-config``, resuming
   training at another expert-parallel size than the checkpoint's (megatron-core cannot load
@@ -32,6 +33,8 @@ The user types only what is not architecture; :func:`complete_argv` adds, unless
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ from .flags import TrainArgError, drop_flag, flag_value, flag_values, has_flag
 from .preflight import (
     check_checkpoint_files,
     check_data,
+    check_data_vocabulary,
     check_deltanet_packing,
     check_eaft_flags,
     check_expert_parallel_resume,
@@ -134,6 +138,9 @@ def complete_argv(argv: list[str], *, cpu: bool,
     check_moe_tensor_parallel(argv, hf_config, cpu=cpu)
     check_eaft_flags(argv, hf_config)
     summary = check_data(argv)
+    for warning in check_data_vocabulary(argv, hf_config):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"eaft_megatron.train: warning: {warning}", file=sys.stderr, flush=True)
     added: list[str] = []
 
     def add(*items: str) -> None:

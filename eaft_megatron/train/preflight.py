@@ -1,5 +1,6 @@
 """Checks that fail in one line before any heavy work (:func:`.argv.complete_argv` runs
-them): prepared data present and complete, parallel sizes the model allows, EAFT flags,
+them): prepared data present and complete and tokenized for the model's vocabulary,
+parallel sizes the model allows, EAFT flags,
 the checkpoint about to be loaded (its architecture, its files, its pickled entries, its
 expert-parallel size), MoE training at TP > 1. Each raises :class:`.flags.TrainArgError`."""
 
@@ -13,9 +14,10 @@ from .arch_flags import architecture_flags
 from .flags import TrainArgError, flag_values, has_flag, int_flag
 from .restart import Start
 
-__all__ = ["check_checkpoint_files", "check_data", "check_deltanet_packing", "check_eaft_flags",
-           "check_expert_parallel_resume", "check_moe_tensor_parallel", "check_parallel_sizes",
-           "check_same_architecture", "saved_expert_parallel_size"]
+__all__ = ["check_checkpoint_files", "check_data", "check_data_vocabulary",
+           "check_deltanet_packing", "check_eaft_flags", "check_expert_parallel_resume",
+           "check_moe_tensor_parallel", "check_parallel_sizes", "check_same_architecture",
+           "saved_expert_parallel_size"]
 
 
 _DATA_FLAGS = ("--data-path", "--train-data-path", "--valid-data-path")
@@ -59,6 +61,42 @@ def check_data(argv: list[str]) -> dict | None:
                 f"not a complete prepared dataset (expected {files} in {parent})"
             raise TrainArgError(f"{flag} {prefix}: {detail}{hint}") from None
     return summaries.get("--data-path") or summaries.get("--train-data-path")
+
+
+def check_data_vocabulary(argv: list[str], hf_config: Any) -> list[str]:
+    """Every prepared dataset named fits the model's vocabulary: its largest token id
+    (:func:`eaft_megatron.data.dataset.max_token_id`) below ``vocab_size`` (else the embedding
+    fails at iteration 1, or the loss turns non-finite), and the tokenizer its summary records
+    not larger than the model's vocabulary (then it is another tokenizer, even when the ids of
+    this data happen to fit). Returns warnings (one line each) for a recorded tokenizer far
+    smaller than the vocabulary: the ids are valid rows, and a model's vocabulary is often
+    padded beyond its tokenizer (Qwen3: 151,669 tokens, 151,936 rows), so only a gap beyond
+    ``max(1024, 1%)`` of the vocabulary is reported, and training goes on."""
+    from ..data.dataset import load_summary, max_token_id
+
+    vocab = int(hf_config.vocab_size)
+    fix = ("prepare the data again with the model's own tokenizer (eaft-megatron preprocess "
+           "--tokenizer <the model's Hugging Face directory>)")
+    warnings = []
+    for flag, prefix in _data_prefixes(argv).items():
+        summary = load_summary(prefix)
+        top = max_token_id(prefix, summary)
+        tokenizer = summary.get("tokenizer") or {}
+        size = tokenizer.get("vocab_size")
+        made = f"tokenized with {tokenizer.get('path')} ({size} ids)" if size else ""
+        if top >= vocab:
+            was = f"; it was {made}" if made else ""
+            raise TrainArgError(f"{flag} {prefix} holds token id {top}, the model's vocabulary "
+                                f"has {vocab} ids (0-{vocab - 1}){was}: {fix}")
+        if size and size > vocab:
+            raise TrainArgError(f"{flag} {prefix} was {made}, more than the model's vocabulary "
+                                f"of {vocab}: not the model's tokenizer (this data's ids fit only "
+                                f"by chance, largest {top}); {fix}")
+        if size and vocab - size > max(1024, vocab // 100):
+            warnings.append(f"{flag} {prefix} was {made}, far fewer than the model's "
+                            f"vocabulary of {vocab}: is it the model's tokenizer? (training "
+                            f"goes on: its ids are valid rows)")
+    return warnings
 
 
 def check_parallel_sizes(argv: list[str], hf_config: Any) -> None:
