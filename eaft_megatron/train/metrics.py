@@ -5,7 +5,8 @@ Megatron-LM 0.19 has no logging callback, so the entry point wraps three functio
 ``training_log`` (sees each iteration's data-parallel-reduced losses),
 ``evaluate_and_print_results`` (knows the iteration and whether it is the validation or test
 set) and ``evaluate`` (returns the reduced evaluation losses). Megatron's own stdout /
-TensorBoard / W&B logging is unchanged.
+TensorBoard / W&B logging is unchanged, except that its validation line keeps a ``PPL`` for
+``lm loss`` only (:func:`_without_meaningless_ppl`).
 
 Records (written by the last rank, which holds the last pipeline stage's reduced values; floats
 at full precision, a line is flushed as soon as it is written):
@@ -194,6 +195,27 @@ class MetricsLog:
         self.write(record)
 
 
+def _without_meaningless_ppl(printed: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """Megatron's validation line gives every reported key a ``PPL`` (``exp(value)``); only the
+    plain cross-entropy's (``lm loss``) is a perplexity: the EAFT/DFT objective is weighted, and
+    a gate weight, an entropy or a share of conflicts has none. The others' are dropped (and
+    the dashed rules around the line follow its new length)."""
+    out = []
+    for p, k in printed:
+        if p and isinstance(p[0], str) and " PPL: " in p[0]:
+            parts = p[0].split(" | ")
+            p = (" | ".join(x for x in parts if " PPL: " not in x or
+                            x.startswith("lm loss PPL: ")), *p[1:])
+        out.append((p, k))
+    for i, (p, k) in enumerate(out):  # '-' * (len(line) + 1) above and below each line
+        if p and isinstance(p[0], str) and p[0] and not p[0].strip("-"):
+            near = [q[0][0] for q in out[max(i - 1, 0):i + 2]
+                    if q[0] and isinstance(q[0][0], str) and q[0][0].strip("-")]
+            if near:
+                out[i] = (("-" * (len(near[0]) + 1), *p[1:]), k)
+    return out
+
+
 def install_metrics_hooks(log: MetricsLog) -> None:
     """Wrap Megatron's ``training_log``, ``evaluate_and_print_results`` and ``evaluate`` so
     they feed ``log``, and megatron-core's ``MoEMetricsTracker.report`` (called inside
@@ -255,7 +277,15 @@ def install_metrics_hooks(log: MetricsLog) -> None:
             current["kind"] = "test" if "test set" in prefix else "valid"
             current["final"] = " set" in prefix
             current["iteration"] = a.get("iteration", 0)
-            return original(*args, **kwargs)
+            printed: list[tuple[tuple, dict]] = []
+            print_last = loop.print_rank_last  # its validation lines, held back and cleaned
+            loop.print_rank_last = lambda *p, **k: printed.append((p, k))
+            try:
+                return original(*args, **kwargs)
+            finally:
+                loop.print_rank_last = print_last
+                for p, k in _without_meaningless_ppl(printed):
+                    print_last(*p, **k)
 
         return evaluate_and_print_results
 

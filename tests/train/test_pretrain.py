@@ -22,6 +22,7 @@ Proofs:
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -138,6 +139,15 @@ def test_eval_only_matches_transformers(tiny, evaluated):
     assert record["lm_loss"] == pytest.approx(ref["ce"], rel=REL)
     assert record["gate_weight"] == pytest.approx(ref["weight"], rel=REL)
     assert record["entropy"] == pytest.approx(ref["entropy"], rel=REL)
+    # the validation line: a perplexity for the plain cross-entropy only, not for the EAFT
+    # objective, the gate weight, the entropy or the share of conflicts
+    i, line = next((i, x) for i, x in enumerate(evaluated.output.splitlines())
+                   if "validation loss at" in x)
+    assert re.findall(r"\| ([^|]+?) PPL: ", line) == ["lm loss"], line
+    assert "gate weight value: " in line and "entropy value: " in line, line
+    ppl = float(re.search(r"lm loss PPL: (\S+) ", line)[1])
+    assert ppl == pytest.approx(math.exp(record["lm_loss"]), rel=1e-5)
+    assert evaluated.output.splitlines()[i - 1] == "-" * (len(line) + 1)
     assert record["confident_conflicts"] == pytest.approx(ref["conflicts"], abs=1e-6)
     assert 0 < record["confident_conflicts"] < 1  # the thresholds make the check meaningful
     assert record["loss"] < record["lm_loss"]  # eaft weights are < 1
