@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -161,9 +161,12 @@ def copy_side_files(src: Path, dst: Path, names: Iterable[str] = HF_SIDE_FILES) 
     return copied
 
 
-def store_hf_dir(hf_dir: str | os.PathLike, root: str | os.PathLike) -> Path:
+def store_hf_dir(hf_dir: str | os.PathLike, root: str | os.PathLike,
+                 extra: Callable[[Path], None] | None = None) -> Path:
     """``<root>/hf``: the config/tokenizer files of ``hf_dir`` copied there (atomically), unless
-    it already holds a ``config.json`` or is ``hf_dir`` itself; returns it."""
+    it already holds a ``config.json`` or is ``hf_dir`` itself; returns it. ``extra(tmp)``
+    writes more files into the directory before it appears (the carried HF tensors of a run
+    that starts from a Hugging Face directory)."""
     from ..paths import atomic_output
 
     hf_dir, target = Path(hf_dir), Path(root) / HF_DIR
@@ -171,6 +174,8 @@ def store_hf_dir(hf_dir: str | os.PathLike, root: str | os.PathLike) -> Path:
         return target
     with atomic_output(target, force=True) as tmp:
         copy_side_files(hf_dir, tmp)
+        if extra is not None:
+            extra(tmp)
     return target
 
 

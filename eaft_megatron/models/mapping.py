@@ -27,7 +27,7 @@ exactly once, and a Megatron tensor is yielded as soon as its inputs are read.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from typing import Any
 
 import torch
@@ -167,16 +167,20 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def hf_to_megatron(arch: ArchSpec, hf_config: Any, get: Getter, *, padded_vocab: int,
-                   te: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                   te: bool | None = None, only: Container[str] | None = None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (Megatron name, full tensor) for every parameter, reading HF tensors via ``get``.
 
     Vocabulary rows are padded with zeros to ``padded_vocab``. Dtypes are kept. Raises
     ValueError naming the tensor and both shapes when a HF tensor has the wrong shape.
+    ``only``: yield just these Megatron names (the HF tensors of the others are not read).
     """
     te, dims = _te(te), ModelDims.from_hf(hf_config)
     if padded_vocab < dims.vocab_size:
         raise ValueError(f"padded_vocab={padded_vocab} < vocab_size={dims.vocab_size}")
     for m, layer, expert, name in _named_steps(arch, hf_config, te):
+        if only is not None and name not in only:
+            continue
         expected = MEGATRON_SHAPES[m.megatron](dims, padded_vocab)
         tensors = []
         for template, shape in zip(m.hf, m.hf_shapes(expected, dims)):

@@ -11,7 +11,9 @@
         --eval-only --eval-iters 20 --micro-batch-size 1 --global-batch-size 8   # evaluation only
 
 Running the same command again resumes the latest complete checkpoint of ``--save`` (see
-``restart.py``). The model architecture comes from the HF config stored with the checkpoint
+``restart.py``). ``--load`` / ``--pretrained-checkpoint`` may also name a Hugging Face model
+directory (config.json + safetensors): each rank reads its own share of it (``hf_load.py``).
+The model architecture comes from the HF config stored with the checkpoint
 (``<load>/hf/``, written by ``eaft-megatron convert hf-to-megatron`` and copied into ``--save``)
 or ``--hf-config DIR``; the padded vocabulary from the checkpoint. Every other flag is Megatron-LM's
 (checkpointing, schedules, optimizer, logging). The same command runs on GPUs (NCCL, the
@@ -30,6 +32,8 @@ models: also the load-balancing loss and the expert load, see ``metrics.py``).
                 ``arch_flags.py`` (HF config -> Megatron-LM flags), ``preflight.py`` (one-line
                 checks: data, sizes, EAFT flags, the checkpoint to load)
 ``restart.py``  where a run starts: resume ``--save``'s latest complete checkpoint or fine-tune
+``hf_load.py``  starting from a Hugging Face directory: pre-flight checks, each rank filling its
+                own parameters from the safetensors (no conversion step)
 ``guard.py``    non-finite guard (loss, gradient norm, parameters before save), no roll-back save
 ``steps.py``    model provider, forward step + loss function, datasets provider
 ``metrics.py``  ``metrics.jsonl`` (hooks on Megatron's ``training_log`` / ``evaluate``)

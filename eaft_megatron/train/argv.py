@@ -41,6 +41,7 @@ from typing import Any
 
 from .arch_flags import architecture_flags, gpu_fallback_flags, moe_training_flags
 from .flags import TrainArgError, drop_flag, flag_value, flag_values, has_flag
+from .hf_load import check_hf_source
 from .preflight import (
     check_checkpoint_files,
     check_data,
@@ -110,6 +111,8 @@ def resolve_checkpoints(argv: list[str]) -> tuple[list[str], Start]:
     out = drop_flag(out, "--finetune", takes_value=False)
     if start.resumed:
         out = drop_flag(out, "--ckpt-step")
+    if start.hf is not None:  # read by the model provider, not by Megatron's loader
+        out = drop_flag(out, "--load")
     if start.load is not None and flag_value(out, "--load") != start.load:
         out = drop_flag(out, "--load") + ["--load", start.load]
     if start.finetune:
@@ -130,9 +133,15 @@ def complete_argv(argv: list[str], *, cpu: bool,
     argv = ["--skip-train" if a == "--eval-only" else a for a in argv]
     given = list(argv)
     argv, start = resolve_checkpoints(argv)
-    hf_dir = find_hf_dir(given, roots=(start.load, flag_value(given, "--save")))
+    if start.hf is not None and flag_value(given, "--hf-config") is None:
+        hf_dir = Path(start.hf)
+    else:
+        hf_dir = find_hf_dir(given, roots=(start.load, flag_value(given, "--save")))
     hf_config = load_hf_config(hf_dir)
-    check_same_architecture(hf_dir, start.load)
+    check_same_architecture(hf_dir, start.load or start.hf)
+    if start.hf is not None:
+        check_hf_source(Path(start.hf), hf_config if hf_dir == Path(start.hf) else
+                        load_hf_config(start.hf), start.hf_flag)
     check_parallel_sizes(argv, hf_config)
     check_expert_parallel_resume(argv, start)
     check_moe_tensor_parallel(argv, hf_config, cpu=cpu)

@@ -191,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.save, exist_ok=True)
         from ..checkpoint import store_hf_dir
 
-        store_hf_dir(info.hf_dir, args.save)  # the checkpoint describes itself
+        extra = None
+        if start.hf is not None:  # HF tensors the model does not hold, kept for export
+            from .hf_load import extra_tensors_writer
+
+            extra = extra_tensors_writer(Path(start.hf), info.hf_config)
+        store_hf_dir(info.hf_dir, args.save, extra)  # the checkpoint describes itself
     log_dir = args.log_dir or args.save
     log = MetricsLog(log_dir, enabled=args.rank == args.world_size - 1, loss_type=args.loss_type)
     install_metrics_hooks(log)
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     install_optimizer_fixes()  # --use-distributed-optimizer resumes without TE/apex
     log.on_start(resumed=start.iteration > 0, iteration=start.iteration,
-                 checkpoint=start.load, finetune=start.finetune)
+                 checkpoint=start.load or start.hf, finetune=start.finetune)
     if args.rank == 0:
         print(f"> eaft_megatron.train: {start.note}", flush=True)
         print(f"> eaft_megatron.train: model from {info.hf_dir}, loss {args.loss_type}, "
@@ -225,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with safe_checkpoint_loading(enabled=not args.eaft_trust_checkpoint):
             pretrain(config, datasets_provider, ModelType.encoder_or_decoder, forward_step,
-                     model_provider=partial(model_provider, info.hf_config),
+                     model_provider=partial(model_provider, info.hf_config,
+                                            hf_weights=start.hf),
                      skip_model_parallel_init=cpu)
     except RunStopped as e:
         if e.report:

@@ -166,7 +166,8 @@ def check_same_architecture(hf_dir: Path, checkpoint: str | None) -> None:
     """A checkpoint carrying its own ``hf/`` config must describe the model ``hf_dir`` does."""
     if checkpoint is None:
         return
-    stored = find_hf_dir(checkpoint)
+    stored = find_hf_dir(checkpoint) or (Path(checkpoint) if (Path(checkpoint) / "config.json")
+                                         .is_file() else None)  # a HF model directory itself
     if stored is None or stored.resolve() == hf_dir.resolve():
         return
     mine, theirs = _architecture_of(hf_dir), _architecture_of(stored)

@@ -17,12 +17,15 @@ Rules, applied before any process group exists (:func:`resolve_start`):
    ``--finetune``: weights only, iteration 0), else ``--pretrained-checkpoint`` (with
    ``--finetune``); a directory that was named and holds no checkpoint is an error, never a
    silent random initialisation. Only a command with neither flag starts from random weights.
+   Either flag may name a Hugging Face model directory (``config.json`` + safetensors, no
+   tracker: :func:`.hf_load.is_hf_model_dir`): weights only, iteration 0, read by every rank
+   from the HF files (``Start.hf``; Megatron gets no ``--load``).
 3. A start that would overwrite newer work is refused: ``--ckpt-step`` pointing below the
    latest complete checkpoint of ``--save``, complete iteration directories without a tracker.
    (The trainer's save guard, :mod:`.guard`, also refuses to save below such an iteration.)
 
 Megatron then receives one unambiguous form: ``--load SRC`` (+ ``--finetune``), without
-``--pretrained-checkpoint``.
+``--pretrained-checkpoint``; or, from a HF directory, no ``--load`` at all.
 """
 
 from __future__ import annotations
@@ -39,19 +42,23 @@ from ..checkpoint import (
     iteration_dir_name,
     latest_complete,
 )
+from .hf_load import is_hf_model_dir
 
 __all__ = ["CheckpointError", "Start", "complete_iterations", "latest_complete", "resolve_start"]
 
 @dataclass
 class Start:
-    """The decision: ``load`` (None: random init), ``finetune``, ``resumed`` (from --save),
-    ``iteration`` it starts at, and one human line ``note``."""
+    """The decision: ``load`` (None: random init or ``hf``), ``finetune``, ``resumed`` (from
+    --save), ``iteration`` it starts at, one human line ``note``, and ``hf``: the Hugging Face
+    model directory the weights are read from (None otherwise), ``hf_flag`` the flag naming it."""
 
     load: str | None
     finetune: bool
     resumed: bool
     iteration: int
     note: str
+    hf: str | None = None
+    hf_flag: str | None = None
 
 
 def _must_hold_checkpoint(flag: str, root: str) -> int:
@@ -92,6 +99,13 @@ def resolve_start(*, load: str | None, save: str | None, pretrained: str | None,
     else:
         return Start(load=None, finetune=False, resumed=False, iteration=0,
                      note="no --load/--pretrained-checkpoint: starting from random weights")
+    if is_hf_model_dir(source):
+        if ckpt_step is not None:
+            raise CheckpointError(f"--ckpt-step {ckpt_step}: {flag} {source} is a Hugging Face "
+                                  f"model directory, which has no iterations")
+        return Start(load=None, finetune=False, resumed=False, iteration=0, hf=source,
+                     hf_flag=flag, note=f"loading the Hugging Face model {source} (weights "
+                     f"only, from iteration 0; each rank reads its own share)")
     iteration = _must_hold_checkpoint(flag, source)
     if ckpt_step is not None and source is load:
         if not is_complete(Path(load) / iteration_dir_name(ckpt_step)):

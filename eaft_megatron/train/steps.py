@@ -32,9 +32,12 @@ def _uses_te(args: Any) -> bool:
 
 
 def model_provider(hf_config: Any, pre_process: bool = True, post_process: bool = True,
-                   vp_stage: int | None = None, config: Any = None, pg_collection: Any = None):
+                   vp_stage: int | None = None, config: Any = None, pg_collection: Any = None,
+                   *, hf_weights: str | None = None):
     """A ``GPTModel`` chunk for ``hf_config`` with Megatron-LM's config, EAFT loss installed
-    (and, for MoE models, the routers' token counts feeding ``metrics.jsonl``)."""
+    (and, for MoE models, the routers' token counts feeding ``metrics.jsonl``); with
+    ``hf_weights`` (a Hugging Face model directory) its parameters are filled from there
+    (:func:`.hf_load.fill_from_hf`) before Megatron wraps the chunk and builds the optimizer."""
     from megatron.training import get_args
     from megatron.training.arguments import core_transformer_config_from_args
 
@@ -46,6 +49,10 @@ def model_provider(hf_config: Any, pre_process: bool = True, post_process: bool 
     model = build_gpt_model(hf_config, pre_process=pre_process, post_process=post_process,
                             config=config, vp_stage=vp_stage, pg_collection=pg_collection,
                             padded_vocab=args.padded_vocab_size)
+    if hf_weights is not None:
+        from .hf_load import fill_from_hf
+
+        fill_from_hf(model, hf_config, hf_weights, padded_vocab=args.padded_vocab_size)
     expert_load.attach(model)  # MoE: tokens per expert for metrics.jsonl
     return install_eaft_loss(model, loss_config(args, hf_config))
 

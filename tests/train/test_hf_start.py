@@ -1,0 +1,242 @@
+"""Training straight from a Hugging Face directory (``--load HF_DIR`` / ``--pretrained-checkpoint
+HF_DIR``, ``eaft_megatron.train.hf_load``).
+
+* parameters filled from the HF files at (TP, PP, EP) = (2,1,1), (1,2,1) (the tiny dense Qwen3)
+  and (1,1,2) (the tiny Qwen3-MoE) are bit-identical to ``convert hf-to-megatron`` at that TP/PP +
+  ``load_model_weights``, every rank's whole state dict (one spawn of 2 gloo ranks);
+* the trainer: ``--eval-only --load HF_DIR`` at TP=2 equals transformers' CE on the 24 samples;
+  ``--load RUN --save RUN --pretrained-checkpoint HF_DIR`` at PP=2 trains, stores ``RUN/hf``,
+  and ``megatron-to-hf RUN`` needs nothing else (transformers' CE of the export equals the run's
+  last evaluation); the GLM-4.5 MTP layer is kept aside in ``RUN/hf`` (two torchrun launches);
+* bad input refused in one line before anything is built or written (the pre-flight, in
+  process): missing / wrongly shaped tensors, pickle-only weights, unsupported architecture,
+  a TP that does not divide the heads, ``--ckpt-step`` on a HF directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support.launch import check, copy_tiny, run_train, spawn
+
+REL = 1e-5
+COMMON = ("--data-path", None, "--micro-batch-size", "1", "--global-batch-size", "4",
+          "--lr", "1e-3", "--min-lr", "1e-3", "--lr-decay-style", "constant",
+          "--log-interval", "1", "--seed", "1234", "--loss-type", "sft")
+EVAL_ALL = ("--eval-iters", "6")  # 6 x 4 = the 24 stored samples, in stored order
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_inputs):
+    return copy_tiny(tiny_inputs, tmp_path_factory.mktemp("hf-start"))
+
+
+def _common(tiny) -> list[str]:
+    return [str(tiny["data"]) if a is None else a for a in COMMON]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters: HF fill == conversion + load
+
+
+def _states_worker(rank, world, cases):
+    """For each (hf_dir, converted_dir, tp, pp, ep): this rank's state dict filled from the HF
+    directory and loaded from the conversion; returns the names that differ (and counts)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from eaft_megatron.checkpoint import find_iteration_dir, load_model_weights
+    from eaft_megatron.compat import cpu_transformer_config_kwargs, install_cpu_compat
+    from eaft_megatron.convert import load_hf_config
+    from eaft_megatron.models import build_gpt_model, padded_vocab_size
+    from eaft_megatron.train.hf_load import fill_from_hf
+
+    install_cpu_compat()
+    results = []
+    for hf_dir, converted, tp, pp, ep in cases:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                                 pipeline_model_parallel_size=pp,
+                                                 expert_model_parallel_size=ep)
+        tensor_parallel.model_parallel_cuda_manual_seed(123)
+        config = load_hf_config(hf_dir)
+        padded = padded_vocab_size(config.vocab_size, tp)
+        models = []
+        for _ in range(2):
+            models.append(build_gpt_model(
+                config, padded_vocab=padded, tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+                transformer_impl="local", **cpu_transformer_config_kwargs()))
+        copied = fill_from_hf(models[0], config, hf_dir, padded_vocab=padded)
+        load_model_weights([models[1]], find_iteration_dir(converted))
+        a, b = (dict(m.state_dict()) for m in models)
+        keys = [k for k in a if not k.endswith("_extra_state")]
+        differ = [k for k in keys if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+        results.append(dict(layout=(tp, pp, ep), tensors=len(keys), copied=copied,
+                            differ=differ, same_keys=set(a) == set(b)))
+        parallel_state.destroy_model_parallel()
+    return results
+
+
+def test_hf_fill_equals_conversion_plus_load(tiny, tmp_path):
+    """Dense Qwen3 at TP=2 and PP=2, a tied Qwen2 at PP=2 (the last stage's output layer is the
+    embedding), GLM-4.5 MoE at EP=2 (fp32 expert-bias buffer, shared expert, an MTP layer kept
+    aside: the extra-tensors file equals the conversion's)."""
+    from safetensors.torch import load_file
+
+    from eaft_megatron.convert import hf_to_megatron, load_hf_config
+    from eaft_megatron.train.hf_load import extra_tensors_writer
+    from tests.support.tiny_models import build, build_moe
+
+    moe, tied = tmp_path / "glm4_moe", tmp_path / "qwen2_tied"
+    build_moe("glm4_moe", moe)
+    build("qwen2_tied")[1].save_pretrained(tied)
+    cases = []
+    for hf, tp, pp, ep in ((tiny["hf"], 2, 1, 1), (tiny["hf"], 1, 2, 1), (tied, 1, 2, 1),
+                           (moe, 1, 1, 2)):
+        out = hf_to_megatron(hf, tmp_path / f"conv-{Path(hf).name}-{tp}{pp}{ep}", tp=tp, pp=pp,
+                             progress=False)
+        cases.append((str(hf), str(out), tp, pp, ep))
+    per_rank = spawn(_states_worker, 2, cases)
+    for rank, results in enumerate(per_rank):
+        for r in results:
+            assert r["same_keys"] and r["differ"] == [], (rank, r)
+            assert r["copied"] >= r["tensors"] > 0, (rank, r)
+
+    write = extra_tensors_writer(moe, load_hf_config(moe))
+    (tmp_path / "side").mkdir()
+    write(tmp_path / "side")
+    mine = load_file(tmp_path / "side" / "extra_tensors.safetensors")
+    theirs = load_file(Path(cases[-1][1]) / "hf" / "extra_tensors.safetensors")
+    assert sorted(mine) == sorted(theirs) and mine and all(
+        torch.equal(mine[k], theirs[k]) for k in mine)
+    assert extra_tensors_writer(tiny["hf"], load_hf_config(tiny["hf"])) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+def test_eval_only_from_hf_dir_matches_transformers(tiny):
+    from tests.train.test_pretrain import _hf_reference
+
+    out = tiny["root"] / "eval-hf-tp2"
+    run = check(run_train(out, "--load", str(tiny["hf"]), "--eval-only", *EVAL_ALL,
+                          "--tensor-model-parallel-size", "2", *_common(tiny), nproc=2))
+    assert "loading the Hugging Face model" in run.output
+    start, record = run.records
+    assert start["kind"] == "start" and start["checkpoint"] == str(tiny["hf"])
+    assert record["kind"] == "valid" and record["iteration"] == 0
+    assert record["lm_loss"] == pytest.approx(_hf_reference(tiny["hf"], tiny["data"])["ce"],
+                                              rel=REL)
+
+
+def test_train_from_hf_dir_then_export(tiny):
+    from eaft_megatron.convert import megatron_to_hf
+    from tests.train.test_pretrain import _hf_reference
+
+    out = tiny["root"] / "run-hf-pp2"
+    run = check(run_train(out, "--load", str(out), "--save", str(out), "--pretrained-checkpoint",
+                          str(tiny["hf"]), "--train-iters", "2", "--save-interval", "2",
+                          "--eval-interval", "2", *EVAL_ALL, "--pipeline-model-parallel-size",
+                          "2", *_common(tiny), nproc=2))
+    assert "loading the Hugging Face model" in run.output
+    assert sorted(run.train()) == [1, 2]
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert json.loads((out / "hf" / "config.json").read_text())["architectures"] == [
+        "Qwen3ForCausalLM"]
+    exported = megatron_to_hf(out, tiny["root"] / "run-hf-pp2-export", dtype="fp32",
+                              progress=False)
+    ref = _hf_reference(exported, tiny["data"])
+    assert run.of("valid")[-1]["lm_loss"] == pytest.approx(ref["ce"], rel=REL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line before anything is built or written
+
+
+def _rewrite(src: Path, dst: Path, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_restart_resolution_with_a_hf_dir(tiny, tmp_path):
+    """A complete checkpoint in --save is resumed; else the HF directory is the start (either
+    flag); Megatron gets no --load then; RUN/hf is found on the rerun."""
+    from eaft_megatron.train.argv import complete_argv, flag_value
+    from eaft_megatron.train.restart import resolve_start
+    from tests.train.test_restart import _fake_checkpoint
+
+    hf, run = str(tiny["hf"]), tmp_path / "run"
+    base = dict(save=str(run), finetune=False, ckpt_step=None, training=True)
+    for kw in (dict(load=hf, pretrained=None), dict(load=str(run), pretrained=hf)):
+        s = resolve_start(**base, **kw)
+        assert (s.load, s.hf, s.resumed, s.iteration) == (None, hf, False, 0), kw
+    argv, info = complete_argv(["--load", str(run), "--save", str(run),
+                                "--pretrained-checkpoint", hf, *_common(tiny)], cpu=True,
+                               te_available=False)
+    assert flag_value(argv, "--load") is None and "--finetune" not in argv
+    assert info.hf_dir == Path(hf) and info.start.hf == hf
+    _fake_checkpoint(run, [4], 4)
+    s = resolve_start(**base, load=str(run), pretrained=hf)
+    assert (s.load, s.hf, s.resumed, s.iteration) == (str(run), None, True, 4)
+
+
+def test_bad_hf_directories_refused_in_one_line(tiny, tmp_path):
+    from eaft_megatron.train.argv import TrainArgError, complete_argv
+
+    hf = tiny["hf"]
+    missing = _rewrite(hf, tmp_path / "missing", lambda t: t.pop("model.norm.weight"))
+    shaped = _rewrite(hf, tmp_path / "shaped", lambda t: t.update(
+        {"model.norm.weight": torch.ones(65)}))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(hf / "config.json", pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(hf, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[:len(data) // 2])
+    llama = tmp_path / "llama"
+    shutil.copytree(hf, llama)
+    raw = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**raw, "architectures": ["LlamaForCausalLM"]}))
+
+    save = tmp_path / "save"
+    cases = [
+        ((missing,), "lacks 1 tensor(s) the Qwen3ForCausalLM mapping needs: ['model.norm.weight']"),
+        ((shaped,), "'model.norm.weight' has shape (65,), expected (64,)"),
+        ((pickled,), "only PyTorch .bin weights"),
+        ((truncated,), "is truncated"),
+        ((llama,), "unsupported architecture 'LlamaForCausalLM'"),
+        ((hf, "--tensor-model-parallel-size", "3"), "does not divide the model's 4 attention"),
+        ((hf, "--ckpt-step", "5"), "is a Hugging Face model directory, which has no iterations"),
+    ]
+    for (source, *extra), message in cases:
+        for flag in ("--load", "--pretrained-checkpoint"):
+            argv = [flag, str(source), "--save", str(save), *extra, *_common(tiny)]
+            with pytest.raises(TrainArgError) as e:
+                complete_argv(argv, cpu=True, te_available=False)
+            assert message in str(e.value) and "\n" not in str(e.value), (source, str(e.value))
+    assert not save.exists()
+    # and through the command: exit 2, one line, nothing written
+    import subprocess
+
+    from tests.support.launch import ROOT, subprocess_env
+
+    proc = subprocess.run([sys.executable, "-m", "eaft_megatron.train", "--load", str(pickled),
+                           "--save", str(save), *_common(tiny)], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [x for x in proc.stderr.splitlines() if "error" in x.lower()]
+    assert len(lines) == 1 and "only PyTorch .bin weights" in lines[0], proc.stderr[-3000:]
+    assert not save.exists()
