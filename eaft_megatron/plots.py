@@ -79,11 +79,34 @@ def plot_landscapes(records: list[dict], out: Any, *, fmt: str | None = None) ->
     plt.close(fig)
 
 
+_RECORD_KEYS = ("bins", "counts", "thresholds", "quadrants", "iteration", "tokens",
+                "confident_conflicts", "model", "data")
+
+
 def load_record(path: str | os.PathLike) -> dict:
+    """The landscape record in ``path`` (a ``--eaft-landscape`` directory, or its
+    ``landscape.json``); ``ValueError`` with one line naming the path when there is none."""
+    given = path
     path = Path(path)
+    written_by = "written by the trainer's --eaft-landscape DIR"
     if path.is_dir():
         path = path / "landscape.json"
-    return json.loads(path.read_text())
+        if not path.is_file():
+            raise ValueError(f"{given}: no landscape.json in this directory ({written_by}, at "
+                             f"its evaluations)")
+    elif not path.exists():
+        raise ValueError(f"{given}: no such directory or file (a landscape directory, "
+                         f"{written_by}, or its landscape.json)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read as a landscape record "
+                         f"({getattr(e, 'strerror', None) or e})") from None
+    missing = [k for k in _RECORD_KEYS if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise ValueError(f"{path}: not a landscape record ({written_by}): missing "
+                         f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    return record
 
 
 def add_plot_arguments(parser: Any) -> None:
@@ -95,17 +118,23 @@ def add_plot_arguments(parser: Any) -> None:
 
 
 def run_plot(args: Any) -> int:
-    if len(args.directories) > 2:
-        print("landscape: give one or two directories", file=sys.stderr)
+    def error(message: str) -> int:
+        print(f"eaft-megatron landscape: error: {message}", file=sys.stderr)
         return 2
+
+    if len(args.directories) > 2:
+        return error(f"give one or two landscape directories, got {len(args.directories)}")
     try:
         records = [load_record(d) for d in args.directories]
-    except (OSError, ValueError) as e:
-        print(f"landscape: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        return error(str(e))
     last = Path(args.directories[-1])
     last = last if last.is_dir() else last.parent
     out = args.out or str(last / ("landscape.png" if len(records) == 1 else "comparison.png"))
+    if not Path(out).resolve().parent.is_dir():
+        return error(f"--out {out}: no directory {Path(out).parent} to write it in")
+    if not have_matplotlib():
+        return error("drawing needs matplotlib: pip install matplotlib")
     plot_landscapes(records, out)
     for d, r in zip(args.directories, records):
         print(f"{d}: iteration {r['iteration']}, {r['tokens']} tokens, confident conflicts "
