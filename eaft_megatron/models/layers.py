@@ -2,7 +2,10 @@
 
 ``layer_spec(arch, te=False)`` is megatron's own GPT layer spec (local modules, or
 TransformerEngine ones with ``te=True``) with Qwen3's q/k norms switched on, and for
-GLM-4-0414 (``arch.sandwich_norms``) the :class:`SandwichNormTransformerLayer` below.
+GLM-4-0414 (``arch.sandwich_norms``) the :class:`SandwichNormTransformerLayer` below. Multi-latent
+attention (GLM-4.7-Flash, ``arch.mla``) is megatron's ``MLASelfAttention``, locally with
+:class:`LatentAttentionCore` (megatron's local core attention rejects MLA's arguments). Local MoE
+layers keep TransformerEngine's checkpoint name for their pre-MLP norm (:func:`moe_layer_keys`).
 
 Parameter names of the two extra norms, per layer (local and TE specs alike)::
 
