@@ -393,6 +393,24 @@ def setup_cpu_training(args: Any) -> None:
 
     patch(loop, "initialize_megatron", wrap, _training_saved)
 
+    def skip_unused_warmup(original: Any) -> Any:
+        # pretrain() warms up (torch.compiles) the bias-SwiGLU and bias-dropout-add fusions on
+        # random tensors. The CPU flags switch both fusions off, so the compiled kernels never
+        # run: the warm-up only costs ~1.5 CPU s per rank (~10 s more with a cold inductor
+        # cache). Skipping it leaves the CPU generator where it was, so a run from random
+        # weights (no --load) initialises differently than with the warm-up; checkpoints
+        # loaded are unaffected.
+        def set_jit_fusion_options(*a: Any, **kw: Any):
+            if getattr(args, "bias_swiglu_fusion", False) or getattr(args, "bias_dropout_fusion",
+                                                                      False):
+                return original(*a, **kw)
+            return None
+
+        set_jit_fusion_options._eaft_cpu_compat = True
+        return set_jit_fusion_options
+
+    patch(loop, "set_jit_fusion_options", skip_unused_warmup, _training_saved)
+
 
 def cpu_compat_installed() -> bool:
     """Whether :func:`install_cpu_compat` is in effect."""
