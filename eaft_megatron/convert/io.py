@@ -158,8 +158,21 @@ class SafetensorsReader:
         if list(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
             raise ValueError(f"cannot read {name!r} ({shape} {dtype}) into {tuple(out.shape)} "
                              f"{out.dtype}")
+        return self._read_at(path, data_start + begin, out, name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``name`` (its first dimension), reading only their bytes."""
+        path, data_start, (dtype, shape, begin, _) = self._entry(name)
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"cannot read rows {start}:{stop} of {name!r} {shape}")
+        out = torch.empty([stop - start, *shape[1:]], dtype=dtype)
+        row_bytes = out[0].numel() * out.element_size() if len(out) else 0
+        return self._read_at(path, data_start + begin + start * row_bytes, out, name)
+
+    @staticmethod
+    def _read_at(path: Path, offset: int, out: torch.Tensor, name: str) -> torch.Tensor:
         with open(path, "rb", buffering=0) as f:
-            f.seek(data_start + begin)
+            f.seek(offset)
             view, done = _bytes_view(out), 0
             while done < len(view):
                 n = f.readinto(view[done:])

@@ -14,8 +14,10 @@ Each rank reads only the tensors its chunk needs: for every ``ShardedTensor`` of
 a parameter holds, the one torch_dist loading uses), the checkpoint key and prepended
 layer / expert offsets give the full TP=1 Megatron name, the architecture table
 (:func:`eaft_megatron.models.hf_to_megatron` with ``only=``) computes that full tensor from the
-HF tensors, and the rank copies its slice out of it: one full tensor at a time (the largest is
-the embedding). Values go through the dtype ``eaft-megatron convert hf-to-megatron`` would store
+HF tensors, and the rank copies its slice out of it: one full tensor at a time. Tensors the
+table only renames and the rank holds whole rows of (the vocabulary tensors at TP > 1, norms,
+routers) are read row-block-wise instead: only this rank's rows leave the file
+(``SafetensorsReader.read_rows``). Values go through the dtype ``eaft-megatron convert hf-to-megatron`` would store
 (the HF config's dtype) and the vocabulary is padded with zero rows as conversion does, so the
 parameters are bit-identical to conversion + load at the same layout.
 
@@ -122,6 +124,14 @@ def _full_name(key: str, indices: list[int]) -> str:
     return key
 
 
+def _rows_only(st) -> bool:
+    """The sharded tensor is a block of whole rows of its (per layer / expert) global tensor."""
+    axes = range(st.prepend_axis_num + 1, len(st.global_shape))
+    return len(st.global_shape) > st.prepend_axis_num and all(
+        st.global_offset[a] == 0 and st.data.shape[a - st.prepend_axis_num] == st.global_shape[a]
+        for a in axes)
+
+
 def fill_from_hf(model, hf_config: Any, hf_dir: str | Path, *, padded_vocab: int) -> int:
     """Fill this rank's model chunk from the HF directory (see the module doc); returns the
     number of tensors copied. No collective: every rank reads its own share."""
@@ -131,7 +141,7 @@ def fill_from_hf(model, hf_config: Any, hf_dir: str | Path, *, padded_vocab: int
 
     from .. import models
     from ..checkpoint.torch_dist import _expand_factories, _tensors_only
-    from ..convert.convert import _config_dtype, _resolve_dtype
+    from ..convert.convert import _config_dtype, _pass_through, _resolve_dtype
     from ..convert.io import SafetensorsReader
 
     arch = models.get_arch(hf_config)
@@ -163,6 +173,24 @@ def fill_from_hf(model, hf_config: Any, hf_dir: str | Path, *, padded_vocab: int
     reader = SafetensorsReader(hf_dir)
     copied = 0
     with torch.no_grad():
+        # Renames split along their first dimension only (the vocabulary tensors at TP > 1):
+        # only this rank's rows are read, the padding rows beyond the HF vocabulary zeroed.
+        for hf_name, name in _pass_through(arch, hf_config, reader).items():
+            parts = targets.get(name, [])
+            if not parts or not all(_rows_only(st) for st, _ in parts):
+                continue
+            rows = reader.meta(hf_name).shape[0]
+            for st, param in targets.pop(name):
+                start = st.global_offset[st.prepend_axis_num]
+                stop = min(start + len(st.data), rows)
+                if stop > start:
+                    part = reader.read_rows(hf_name, start, stop)
+                    if part.shape[1:] != st.data.shape[1:]:
+                        raise ValueError(f"{hf_name} has rows of shape {tuple(part.shape[1:])}, "
+                                         f"{name} expects {tuple(st.data.shape[1:])}")
+                    st.data[:stop - start].copy_(part.to(stored_dtype) if param else part)
+                st.data[max(stop - start, 0):].zero_()
+                copied += 1
         for name, full in models.hf_to_megatron(arch, hf_config, reader.get,
                                                 padded_vocab=padded_vocab, te=False,
                                                 only=targets):
