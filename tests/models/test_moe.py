@@ -24,30 +24,10 @@ from eaft_megatron.convert import hf_to_megatron, megatron_to_hf
 from tests.support.launch import spawn
 
 from tests.support.tiny_models import MOE_CASES, build_moe, read_saved, tokens
+from tests.support.forward import pipeline_logits
 
 ATOL = 1e-4
 LAYOUTS = ((1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 2, 2))  # (tp, ep, pp)
-
-
-def _forward(model, input_ids):
-    """Logits [b, s, padded] on the last pipeline stage (None elsewhere), TP-gathered; with
-    PP the first stage sends its hidden states to the next one."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    b, s = input_ids.shape
-    pos = torch.arange(s).expand(b, s)
-    with torch.no_grad():
-        if not ps.is_pipeline_first_stage():
-            hidden = torch.empty(s, b, model.config.hidden_size)
-            dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-            model.set_input_tensor(hidden)
-        out = model(input_ids, pos, None)
-        if not ps.is_pipeline_last_stage():
-            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-            return None
-        return gather_from_tensor_model_parallel_region(out)
 
 
 def _run(rank, world_size, jobs):
@@ -92,7 +72,7 @@ def _run_case(rank, case, ckpt, resaved, reference):
             names = megatron_names(get_arch(hf_config), hf_config, te=False)
             r["names_ok"] = sorted(local) == sorted(names) and len(set(names)) == len(names)
         load_model_weights([model], find_iteration_dir(ckpt))
-        logits = _forward(model, input_ids)
+        logits = pipeline_logits(model, input_ids)
         if logits is not None:
             err = logits[..., :hf_config.vocab_size] - reference["logits"]
             r["max_err"] = err.abs().max().item()

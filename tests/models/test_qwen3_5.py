@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from eaft_megatron.convert import ConversionError, hf_to_megatron, megatron_to_hf
 from tests.support.launch import spawn
 from tests.support.tiny_models import read_saved
+from tests.support.forward import pipeline_logits
 
 ATOL = 1e-4
 SEQ = 80  # > conv window 4, > delta-rule chunk 64
@@ -105,25 +106,6 @@ def tokens(batch: int = 2) -> torch.Tensor:  # below the VL model's special ids
     return torch.randint(0, 290, (batch, SEQ), generator=torch.Generator().manual_seed(3))
 
 
-def _forward(model, input_ids):
-    """Logits [b, s, padded] on the last pipeline stage (None elsewhere), TP-gathered."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    b, s = input_ids.shape
-    with torch.no_grad():
-        if not ps.is_pipeline_first_stage():
-            hidden = torch.empty(s, b, model.config.hidden_size)
-            dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-            model.set_input_tensor(hidden)
-        out = model(input_ids, torch.arange(s).expand(b, s), None)
-        if not ps.is_pipeline_last_stage():
-            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-            return None
-        return gather_from_tensor_model_parallel_region(out)
-
-
 def _packing(model) -> dict:
     """One DeltaNet layer on two documents packed into 80 tokens (30 + 50)."""
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -171,7 +153,7 @@ def _run(rank, world_size, jobs):
                 names = megatron_names(get_arch(hf_config), hf_config, te=False)
                 r["names_ok"] = sorted(local) == sorted(names) and len(set(names)) == len(names)
             load_model_weights([model], find_iteration_dir(ckpt))
-            logits = _forward(model, reference["ids"])
+            logits = pipeline_logits(model, reference["ids"])
             if logits is not None:
                 err = logits[..., :hf_config.vocab_size] - reference["logits"]
                 r["max_err"] = err.abs().max().item()

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from eaft_megatron.convert import hf_to_megatron, megatron_to_hf
 from tests.support.launch import spawn
+from tests.support.forward import pipeline_logits
 
 SEQ = 80
 LAYOUTS = ((1, 1, 1), (2, 1, 1), (1, 2, 2))  # (tp, ep, pp)
@@ -92,24 +93,6 @@ def _tokens() -> torch.Tensor:  # below the VL model's special ids
     return torch.randint(0, 290, (2, SEQ), generator=torch.Generator().manual_seed(3))
 
 
-def _forward(model, input_ids):
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    b, s = input_ids.shape
-    with torch.no_grad():
-        if not ps.is_pipeline_first_stage():
-            hidden = torch.empty(s, b, model.config.hidden_size)
-            dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-            model.set_input_tensor(hidden)
-        out = model(input_ids, torch.arange(s).expand(b, s), None)
-        if not ps.is_pipeline_last_stage():
-            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-            return None
-        return gather_from_tensor_model_parallel_region(out)
-
-
 def _run(rank, world_size, jobs):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -142,7 +125,7 @@ def _run(rank, world_size, jobs):
                 names = megatron_names(get_arch(hf_config), hf_config, te=False)
                 r["names_ok"] = sorted(local) == sorted(names)
             load_model_weights([model], find_iteration_dir(ckpt))
-            logits = _forward(model, _tokens())
+            logits = pipeline_logits(model, _tokens())
             if logits is not None:
                 err = logits[..., :hf_config.vocab_size] - reference
                 r["rel_err"] = (err.abs().max() / reference.abs().max()).item()
