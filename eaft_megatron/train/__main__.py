@@ -1,11 +1,27 @@
-"""``torchrun --nproc-per-node N -m eaft_megatron.train <Megatron-LM flags> <EAFT flags>``."""
+"""``torchrun --nproc-per-node N -m eaft_megatron.train <Megatron-LM flags> <EAFT flags>``;
+``python -m eaft_megatron.train ...`` (no torchrun) runs as a single process of one rank."""
 
+import os
 import sys
 
 from .main import main
+
+
+def single_process_defaults() -> None:
+    """Without torchrun (no ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR``), the environment of a
+    launch of one process (rank 0 of 1, a free port on 127.0.0.1), so that Megatron's
+    ``env://`` rendezvous works instead of failing on the missing ``MASTER_ADDR``."""
+    if any(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
+        return
+    from ..compat.processes import free_port
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
 
 if __name__ == "__main__":  # spawned helpers (checkpoint saving's Manager) re-import this module
     from ..compat.lazy_compile import defer_torch_compile
 
     defer_torch_compile()  # before megatron's import: its jit helpers compile on first use
+    single_process_defaults()
     sys.exit(main())
