@@ -160,12 +160,19 @@ class SafetensorsReader:
                              f"{out.dtype}")
         return self._read_at(path, data_start + begin, out, name)
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of ``name`` (its first dimension), reading only their bytes."""
+    def read_rows(self, name: str, start: int, stop: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of ``name`` (its first dimension), reading only their bytes;
+        into ``out`` when given (contiguous, CPU, that shape and dtype)."""
         path, data_start, (dtype, shape, begin, _) = self._entry(name)
         if not shape or not 0 <= start <= stop <= shape[0]:
             raise ValueError(f"cannot read rows {start}:{stop} of {name!r} {shape}")
-        out = torch.empty([stop - start, *shape[1:]], dtype=dtype)
+        if out is None:
+            out = torch.empty([stop - start, *shape[1:]], dtype=dtype)
+        elif (list(out.shape) != [stop - start, *shape[1:]] or out.dtype != dtype
+              or not out.is_contiguous() or out.device.type != "cpu"):
+            raise ValueError(f"cannot read rows {start}:{stop} of {name!r} ({shape} {dtype}) "
+                             f"into {tuple(out.shape)} {out.dtype}")
         row_bytes = out[0].numel() * out.element_size() if len(out) else 0
         return self._read_at(path, data_start + begin + start * row_bytes, out, name)
 

@@ -17,8 +17,9 @@ layer / expert offsets give the full TP=1 Megatron name, the architecture table
 HF tensors, and the rank copies its slice out of it: one full tensor at a time. Tensors the
 table only renames and the rank holds whole rows of (the vocabulary tensors at TP > 1, norms,
 routers) are read row-block-wise instead: only this rank's rows leave the file
-(``SafetensorsReader.read_rows``). Values go through the dtype ``eaft-megatron convert hf-to-megatron`` would store
-(the HF config's dtype) and the vocabulary is padded with zero rows as conversion does, so the
+(``SafetensorsReader.read_rows``), straight into the parameter when no dtype rounding is due.
+Values go through the dtype ``eaft-megatron convert hf-to-megatron`` would store (the HF
+config's dtype) and the vocabulary is padded with zero rows as conversion does, so the
 parameters are bit-identical to conversion + load at the same layout.
 
 Checks that fail in one line before any rank builds the model (:func:`check_hf_source`):
@@ -179,16 +180,22 @@ def fill_from_hf(model, hf_config: Any, hf_dir: str | Path, *, padded_vocab: int
             parts = targets.get(name, [])
             if not parts or not all(_rows_only(st) for st, _ in parts):
                 continue
-            rows = reader.meta(hf_name).shape[0]
+            source = reader.meta(hf_name)
+            rows = source.shape[0]
             for st, param in targets.pop(name):
                 start = st.global_offset[st.prepend_axis_num]
                 stop = min(start + len(st.data), rows)
-                if stop > start:
+                if source.shape[1:] != st.data.shape[1:]:
+                    raise ValueError(f"{hf_name} has rows of shape {tuple(source.shape[1:])}, "
+                                     f"{name} expects {tuple(st.data.shape[1:])}")
+                target = st.data[:max(stop - start, 0)]
+                if stop > start and (target.dtype == source.dtype and target.is_contiguous()
+                                     and target.device.type == "cpu"
+                                     and (not param or stored_dtype == source.dtype)):
+                    reader.read_rows(hf_name, start, stop, out=target)  # no copy in between
+                elif stop > start:
                     part = reader.read_rows(hf_name, start, stop)
-                    if part.shape[1:] != st.data.shape[1:]:
-                        raise ValueError(f"{hf_name} has rows of shape {tuple(part.shape[1:])}, "
-                                         f"{name} expects {tuple(st.data.shape[1:])}")
-                    st.data[:stop - start].copy_(part.to(stored_dtype) if param else part)
+                    target.copy_(part.to(stored_dtype) if param else part)
                 st.data[max(stop - start, 0):].zero_()
                 copied += 1
         for name, full in models.hf_to_megatron(arch, hf_config, reader.get,
