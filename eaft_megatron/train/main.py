@@ -36,8 +36,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "without the allow-list: allows arbitrary code execution; only for "
                             "checkpoints you made yourself")
     from .landscape import add_landscape_args
+    from .lock import add_lock_args
 
     add_landscape_args(group)
+    add_lock_args(group)
     return parser
 
 
@@ -152,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         full_argv, info = complete_argv(argv, cpu=cpu, te_available=(not cpu) and te_available())
     except (TrainArgError, ValueError, OSError) as e:
+        return _error(str(e))
+    from .lock import LockError, take_run_lock
+
+    try:
+        take_run_lock(argv)  # one job per --save (rank 0; released at exit)
+    except (LockError, OSError) as e:
         return _error(str(e))
 
     from megatron.core.enums import ModelType

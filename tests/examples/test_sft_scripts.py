@@ -49,11 +49,13 @@ def test_single_node_script_runs_on_cpu_and_reruns(tmp_path, tiny_inputs):
     assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2]
     assert records[0]["kind"] == "start" and records[0]["finetune"] is True
     assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert not (tmp_path / "run" / "eaft_megatron.lock").exists()  # released at the end
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
     assert f"resuming from {tmp_path / 'run' / 'iter_0000002'}" in again.stdout
     assert "the run is complete; nothing to do" in again.stdout
+    assert not (tmp_path / "run" / "eaft_megatron.lock").exists()
 
     # README's "Evaluate a checkpoint", as written: one process, no torchrun
     evaluate = readme_commands()["evaluate"]

@@ -1,0 +1,100 @@
+"""One training job per ``--save`` (``eaft_megatron.train.lock``): a live owner refuses a second
+job in one line (a real trainer process against a lock held by this live test process), a dead
+owner's or a silent remote owner's lock is taken over with a message, ``--eaft-force-lock``
+forces; a finished run removes its lock (checked after real runs in
+tests/examples/test_sft_scripts.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from eaft_megatron.train.lock import LOCK_NAME, STALE_S, LockError, acquire
+from tests.support.fixtures import write_data
+from tests.support.launch import ROOT, subprocess_env
+from tests.support.tiny_models import train_config
+
+
+def _owner(path):
+    return json.loads(path.read_text())
+
+
+def test_a_live_job_refuses_a_second_one_in_one_line(tmp_path):
+    save = tmp_path / "run"
+    held = acquire(save)  # this live process is the first job
+    try:
+        hf = tmp_path / "hf"
+        train_config().save_pretrained(hf)
+        data = write_data(tmp_path / "data" / "train", n=4)
+        res = subprocess.run([sys.executable, "-m", "eaft_megatron.train", "--hf-config", str(hf),
+                              "--data-path", str(data), "--save", str(save), "--train-iters",
+                              "1", "--micro-batch-size", "1", "--global-batch-size", "1",
+                              "--lr", "1e-4", "--save-interval", "1"], cwd=ROOT,
+                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2, res.stderr[-3000:]
+        lines = [x for x in res.stderr.splitlines() if x.strip() and "No CUDA runtime" not in x]
+        assert len(lines) == 1 and lines[0].startswith(
+            f"eaft_megatron.train: error: --save {save} is in use by another training job (host "
+            f"{held.owner['host']} pid {os.getpid()}, started "), res.stderr[-3000:]
+        assert lines[0].endswith(f"; {save / LOCK_NAME}): wait for it or stop it, or pass "
+                                 f"--eaft-force-lock if it is gone"), lines[0]
+        assert sorted(p.name for p in save.iterdir()) == [LOCK_NAME]  # nothing else written
+        assert _owner(save / LOCK_NAME)["pid"] == os.getpid()
+    finally:
+        held.release()
+    assert not (save / LOCK_NAME).exists()
+
+
+def test_stale_locks_are_taken_over_and_force_overrides(tmp_path):
+    save = tmp_path / "run"
+    save.mkdir()
+    lock = save / LOCK_NAME
+    said = []
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    from eaft_megatron.paths import _host
+
+    # this host, the process is gone
+    lock.write_text(json.dumps({"host": _host(), "pid": gone.pid, "start": 1, "time": 0}))
+    mine = acquire(save, report=said.append)
+    assert said == [f"took over the lock of --save {save} from host {_host()} pid {gone.pid}, "
+                    f"started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(0))} (its "
+                    f"process is gone)"]
+    assert _owner(lock)["pid"] == os.getpid() and _owner(lock)["host"] == _host()
+    with pytest.raises(LockError, match=f"--save {save} is in use by another training job"):
+        acquire(save)  # a live owner (this process)
+    mine.release()
+    assert not lock.exists()
+
+    # another host: alive while its heartbeat is fresh, gone after STALE_S
+    lock.write_text(json.dumps({"host": f"not-{host}", "pid": 1, "start": 1, "time": 0}))
+    with pytest.raises(LockError, match=f"host not-{host} pid 1"):
+        acquire(save)
+    old = time.time() - STALE_S - 30
+    os.utime(lock, (old, old))
+    said.clear()
+    acquire(save, report=said.append).release()
+    assert said and said[0].endswith(f"(no heartbeat for {STALE_S + 30:.0f} s)"), said
+
+    # a live owner, forced
+    lock.write_text(json.dumps({"host": _host(), "pid": os.getppid(), "start": 0, "time": 0}))
+    with pytest.raises(LockError):
+        acquire(save)
+    said.clear()
+    forced = acquire(save, force=True, report=said.append)
+    assert said[0].endswith("(--eaft-force-lock)") and _owner(lock)["pid"] == os.getpid()
+    lock.write_text("{}")  # no longer ours (taken by force elsewhere): release leaves it
+    forced.release()
+    assert lock.read_text() == "{}"
+    assert sorted(p.name for p in save.iterdir()) == [LOCK_NAME]  # no temporaries left
+    (tmp_path / "file").write_text("x")  # --save below a regular file: one line, no errno
+    with pytest.raises(LockError, match=f"^--save {tmp_path / 'file' / 'run'}: cannot write "
+                       f"there \\(Not a directory: {tmp_path / 'file'}"):
+        acquire(tmp_path / "file" / "run")
