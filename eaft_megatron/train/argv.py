@@ -42,6 +42,7 @@ from typing import Any
 from .arch_flags import architecture_flags, gpu_fallback_flags, moe_training_flags
 from .flags import TrainArgError, drop_flag, flag_value, flag_values, has_flag
 from .hf_load import check_hf_source
+from .outputs import check_output_paths
 from .preflight import (
     check_checkpoint_files,
     check_data,
@@ -131,6 +132,7 @@ def complete_argv(argv: list[str], *, cpu: bool,
     from ..convert import load_hf_config
 
     argv = ["--skip-train" if a == "--eval-only" else a for a in argv]
+    check_output_paths(argv)  # before any work: a bad output path fails now, not late
     given = list(argv)
     argv, start = resolve_checkpoints(argv)
     if start.hf is not None and flag_value(given, "--hf-config") is None:

@@ -94,10 +94,34 @@ def _rank() -> int:
 
 
 def _error(message: str, code: int = 2) -> int:
-    """One line on rank 0 (every rank exits with ``code``)."""
+    """One line on rank 0 (every rank exits with ``code``); under torchrun also the reason in
+    its failure report (:func:`_tell_torchrun`)."""
     if _rank() == 0:
         print(f"eaft_megatron.train: error: {message}", file=sys.stderr, flush=True)
+    _tell_torchrun(message)
     return code
+
+
+def _tell_torchrun(message: str) -> None:
+    """The reason a worker stops, as torchrun's failure report shows it: torchrun exits 1
+    whenever a worker fails (its own exit code cannot be chosen) and prints a report with a
+    ``traceback :`` field per failed rank; without an error file that field only says "To
+    enable traceback see ...". Written to ``TORCHELASTIC_ERROR_FILE`` in the format of
+    ``torch.distributed.elastic``'s ``record`` decorator, so the field is this one line."""
+    import json
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    line = f"eaft_megatron.train: error: {message}"
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                       "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass
 
 
 def _parse_megatron_args(full_argv: list[str]) -> Any:
@@ -244,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:
         if e.report:
             print(f"eaft_megatron.train: error: {e}", file=sys.stderr, flush=True)
+        _tell_torchrun(str(e))
         return EXIT_CODE
     except BaseException:  # torch's CheckpointException is a BaseException
         if refusal() is None:
             raise
         print(f"eaft_megatron.train: error: {refusal()}", file=sys.stderr, flush=True)
+        _tell_torchrun(str(refusal()))
         return 2
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
