@@ -108,17 +108,24 @@ def make_qwen3_model(out_dir: Path, *, vocab_size: int, hidden: int = 128, layer
     import torch
     import transformers
 
-    config = transformers.Qwen3Config(
+    config = qwen3_config(vocab_size=vocab_size, hidden=hidden, layers=layers)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def qwen3_config(*, vocab_size: int, hidden: int, layers: int):
+    """The configuration :func:`make_qwen3_model` saves (known before anything is made)."""
+    import transformers
+
+    return transformers.Qwen3Config(
         architectures=["Qwen3ForCausalLM"], vocab_size=vocab_size, hidden_size=hidden,
         intermediate_size=hidden * 3, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=512,
         tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
         bos_token_id=None, eos_token_id=2, pad_token_id=0, dtype="float32",
     )
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(out_dir)
-    return out_dir
 
 
 if __name__ == "__main__":

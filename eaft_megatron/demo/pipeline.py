@@ -139,22 +139,28 @@ def _trainer_env() -> dict[str, str]:
                 PYTHONWARNINGS="ignore")
 
 
-def _check_layout(args, hf_dir: Path) -> str:
+class DemoError(Exception):
+    """A mistake in the demo's command line or inputs: one line, exit 2, nothing left behind."""
+
+
+#: written into --workdir when the demo creates it: a later demo may replace that folder
+MARKER = ".eaft-demo"
+
+
+def _check_layout(args, config, where: str) -> str:
     """The model's architecture, once the parallel sizes are checked against it (one line
     naming the problem, before any work)."""
-    from ..convert.convert import load_hf_config
     from ..models import check_parallel_sizes, get_arch
 
-    config = load_hf_config(hf_dir)
     try:
         arch = get_arch(config)
         check_parallel_sizes(config, args.tp, args.pp, args.ep)
     except ValueError as e:
-        raise SystemExit(f"eaft-megatron demo: {hf_dir}: {e}") from None
+        raise DemoError(f"{where}: {e}") from None
     nproc = _nproc(args)
     if nproc % (args.tp * args.pp * args.ep):
-        raise SystemExit(f"eaft-megatron demo: --nproc {nproc} is not a multiple of "
-                         f"--tp x --pp x --ep = {args.tp * args.pp * args.ep}")
+        raise DemoError(f"--nproc {nproc} is not a multiple of --tp x --pp x --ep = "
+                        f"{args.tp * args.pp * args.ep}")
     return arch.hf_architecture
 
 
@@ -188,8 +194,8 @@ def _train(args, sizes: Sizes, ckpt: Path, data: Path, valid: Path, valid_sample
     cuda = torch.cuda.is_available()
     nproc = _nproc(args)
     if cuda and nproc > torch.cuda.device_count():
-        raise SystemExit(f"eaft-megatron demo: {nproc} processes ({_layout(args)}) "
-                         f"need {nproc} GPUs, found {torch.cuda.device_count()}")
+        raise DemoError(f"{nproc} processes ({_layout(args)}) need {nproc} GPUs, found "
+                        f"{torch.cuda.device_count()}")
     iters = args.iters or sizes.iters
     eval_iters = max(1, valid_samples // sizes.global_batch)  # the held-out set, once
     flags = [
@@ -358,15 +364,57 @@ def _report_landscapes(root: Path, before: dict | None) -> dict:
     return shares
 
 
+def _checked_model(args, sizes: Sizes) -> str:
+    """The architecture of the model the demo will train, its parallel layout checked (before
+    anything is written)."""
+    if args.hf_model:
+        from ..convert.convert import load_hf_config
+
+        hf_dir = Path(args.hf_model)
+        try:
+            config = load_hf_config(hf_dir)
+        except (OSError, ValueError) as e:
+            raise DemoError(f"--hf-model {hf_dir}: {e}") from None
+        return _check_layout(args, config, f"--hf-model {hf_dir}")
+    from .assets import qwen3_config
+
+    return _check_layout(args, qwen3_config(vocab_size=sizes.vocab, hidden=sizes.hidden,
+                                            layers=sizes.layers), "the demo's Qwen3 model")
+
+
+def _take_workdir(work: Path, force: bool) -> None:
+    """``work`` empty and marked as the demo's: an earlier demo's output (its marker) is
+    replaced, another non-empty folder only with ``force``."""
+    if work.exists() and not work.is_dir():
+        raise DemoError(f"--workdir {work} is a regular file, not a directory")
+    if work.is_dir() and any(work.iterdir()):
+        if not (force or (work / MARKER).is_file()):
+            raise DemoError(f"--workdir {work} is not empty and not an earlier demo's output "
+                            f"(no {MARKER} in it): choose another --workdir, or --force to "
+                            f"replace it")
+        print(f"Replacing the earlier output in {work}", flush=True)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("made by eaft-megatron demo; a later demo replaces this folder\n")
+
+
 def run_demo(args: argparse.Namespace) -> dict:
+    """The demo (see the module doc). A :class:`DemoError` (a mistake found before or during
+    the run) removes ``--workdir`` again; any other failure keeps it (its logs) for reading, and
+    the next demo replaces it."""
     _quiet_known_notices()
     sizes = QUICK if args.quick else FULL
     work = Path(args.workdir).resolve()
-    if work.exists() and any(work.iterdir()):
-        if not args.force:
-            raise SystemExit(f"eaft-megatron demo: {work} is not empty (use --force)")
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    architecture = _checked_model(args, sizes)
+    _take_workdir(work, args.force)
+    try:
+        return _run(args, sizes, work, architecture)
+    except DemoError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _run(args: argparse.Namespace, sizes: Sizes, work: Path, architecture: str) -> dict:
     started = time.perf_counter()
     total = 6
     from ..convert import hf_to_megatron, megatron_to_hf
@@ -375,8 +423,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     data_src = Path(args.data) if args.data else BUNDLED_DATA
     if args.hf_model:
         hf_dir = Path(args.hf_model)
-        _say(1, total, f"Using your Hugging Face model {hf_dir} "
-                       f"({_check_layout(args, hf_dir)})")
+        _say(1, total, f"Using your Hugging Face model {hf_dir} ({architecture})")
     else:
         _say(1, total, f"Making a small Qwen3 model in Hugging Face format "
                        f"(hidden {sizes.hidden}, {sizes.layers} layers, BPE vocabulary "
@@ -385,8 +432,6 @@ def run_demo(args: argparse.Namespace) -> dict:
         make_qwen3_model(hf_dir, vocab_size=sizes.vocab, hidden=sizes.hidden,
                          layers=sizes.layers)
 
-    if not args.hf_model:
-        _check_layout(args, hf_dir)
     _say(2, total, f"Converting it to a Megatron-Core checkpoint (torch_dist, TP={args.tp}, "
                    f"PP={args.pp}) -> {work / 'mcore'}")
     ckpt = hf_to_megatron(hf_dir, work / "mcore", tp=args.tp, pp=args.pp, progress=True)
@@ -398,7 +443,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     summaries = {name: preprocess([jsonl], output_prefix=work / "data" / name,
                                   seq_length=sizes.seq_length, tokenizer=hf_dir,
                                   workers=1 if args.quick or name == "valid" else 2,
-                                  progress=not args.quick)
+                                  progress=not args.quick, force=True)  # the demo's own
                  for name, jsonl in (("train", train_jsonl), ("valid", valid_jsonl))}
     for name, s in summaries.items():
         print(f"  {name}: " + ", ".join(f"{k.replace('_', ' ')} {s[k]}" for k in (
@@ -457,7 +502,9 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="eaft-demo", help="output directory (default ./eaft-demo)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --workdir")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --workdir that is not an earlier demo's output (an "
+                        "earlier demo's output is replaced without it)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations")
     p.add_argument("--hf-model", default=None, help="your HF model directory (with tokenizer)")
     p.add_argument("--data", default=None, help="your chat JSONL (default: the bundled one)")
@@ -471,11 +518,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=None, help="training iterations")
     p.add_argument("--no-landscape", action="store_true",
                    help="skip the evaluation-only runs (landscape before/after training)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--loss-type", choices=["sft", "dft", "eaft"], default="eaft")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--loss-type", choices=["sft", "dft", "eaft"], default="eaft",
+                   help="the training loss (default eaft)")
+
+
+def _command(args: argparse.Namespace) -> int:
+    try:
+        run_demo(args)
+    except DemoError as e:
+        print(f"eaft-megatron demo: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
 
 
 def register_command(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline end to end on a small Qwen3 model")
     add_arguments(p)
-    p.set_defaults(func=lambda a: (run_demo(a), 0)[1])
+    p.set_defaults(func=_command)

@@ -80,7 +80,7 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert isinstance(result["check"]["reply"], str)
 
 
-def test_demo_quick_moe_with_expert_parallelism(tmp_path):
+def test_demo_quick_moe_with_expert_parallelism(tmp_path, capsys):
     """``demo --hf-model <Qwen3-MoE> --tp 1 --ep 2``: two ranks each holding half the experts
     train it; the export's logits equal the Megatron model's (transformers' MoE forward).
     (``--no-landscape``: the evaluation-only runs are the dense test's.)"""
@@ -112,16 +112,43 @@ def test_demo_quick_moe_with_expert_parallelism(tmp_path):
 
     assert not (work / "landscape").exists()
 
-    # the layout is checked against the model before any work: one line naming the problem
-    from argparse import Namespace
+    # the layout is checked against the model before any work: one line naming the problem,
+    # exit 2, no --workdir left behind
+    from eaft_megatron.cli import main
 
-    from eaft_megatron.demo.pipeline import _check_layout
+    for flags, message in ((["--ep", "3"], "expert parallel size 3 does not divide the 8"),
+                           (["--ep", "2", "--nproc", "3"], "--nproc 3 is not a multiple of")):
+        bad = tmp_path / "bad"
+        assert main(["demo", "--quick", "--hf-model", str(hf), "--tp", "1", *flags,
+                     "--workdir", str(bad)]) == 2
+        assert message in capsys.readouterr().err and not bad.exists()
 
-    for sizes, message in ((dict(ep=3), "expert parallel size 3 does not divide the 8"),
-                           (dict(ep=2, nproc=3), "--nproc 3 is not a multiple of")):
-        args = Namespace(**{"tp": 1, "pp": 1, "nproc": None, **sizes})
-        with pytest.raises(SystemExit, match=message):
-            _check_layout(args, hf)
+
+def test_demo_mistakes_exit_2_and_its_own_output_is_replaced(tmp_path, capsys):
+    """``demo --tp 3`` (4 heads): one line, exit 2, no --workdir (a real process); a folder
+    the demo made (its marker) is replaced by the next demo, another non-empty one refused."""
+    work = tmp_path / "demo"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+    proc = subprocess.run([sys.executable, "-m", "eaft_megatron", "demo", "--quick", "--tp", "3",
+                           "--workdir", str(work)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "eaft-megatron demo: error: the demo's Qwen3 model: "), proc.stderr
+    assert "Traceback" not in proc.stderr and not work.exists()
+
+    from eaft_megatron.demo.pipeline import MARKER, DemoError, _take_workdir
+
+    _take_workdir(work, force=False)
+    (work / "run").mkdir()
+    _take_workdir(work, force=False)  # an earlier demo's output: replaced
+    assert sorted(p.name for p in work.iterdir()) == [MARKER]
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(DemoError, match="is not empty and not an earlier demo's output"):
+        _take_workdir(other, force=False)
+    assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]
 
 
 def test_demo_quick_gated_deltanet_hybrid(tmp_path):
