@@ -11,7 +11,10 @@ user sets it and may report first):
 - parameters: before every checkpoint save all ranks agree (one all-reduce) that their
   parameters are finite; otherwise nothing is written. The save is also refused when ``--save``
   already holds a complete checkpoint newer than the iteration being saved, and skipped when it
-  holds exactly this iteration (a requeued run that had already finished).
+  holds exactly this iteration (a requeued run that had already finished);
+- disk space: a checkpoint that does not fit in ``--save``'s free space (estimated before the
+  save) or a save failing with ``ENOSPC`` stops with "no space left on MOUNT for SAVE (needed ~X,
+  free Y)" (:mod:`.diskspace`).
 
 The message names the iteration, the value and the last good checkpoint; the entry point prints
 it once and exits with status 3.
@@ -161,7 +164,22 @@ def install_guard() -> None:
                     print(f"> eaft_megatron.train: iteration {iteration} is already saved in "
                           f"{args.save}; not writing it again", flush=True)
                 return None
-            return original(iteration, model, *a, **kw)
+            from .diskspace import check_free_space, no_space_error
+
+            needed = 0
+            if not kw.get("non_persistent_ckpt"):
+                needed, short = check_free_space(model, args, iteration,
+                                                 last=last_good_checkpoint(args))
+                if short:
+                    raise RunStopped(short, report=rank == 0)
+            try:
+                return original(iteration, model, *a, **kw)
+            except BaseException as e:  # torch's CheckpointException is a BaseException
+                full = no_space_error(e, args, iteration, needed=needed,
+                                      last=last_good_checkpoint(args))
+                if full is None:
+                    raise
+                raise RunStopped(full, report=rank == 0) from None
 
         return save_checkpoint
 

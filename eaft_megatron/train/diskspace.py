@@ -1,0 +1,121 @@
+"""A checkpoint save that does not fit on ``--save``'s filesystem, named as such.
+
+Before every save (:func:`check_free_space`, called by the guard's ``save_checkpoint`` wrapper
+on every rank) the size of the checkpoint is estimated from the parameters each rank holds and
+the optimizer state Megatron saves with them (fp32 main copy of 16-bit parameters, Adam's two
+moments), summed over the ranks and divided by the data-parallel size (replicas are written
+once), and compared with the free space of ``--save`` (read on rank 0): too little stops the run
+before anything is written. A save that fails anyway (other writers, an estimate short of the
+real size) with ``ENOSPC`` on any rank -- torch's ``CheckpointException ranks:dict_keys([0, 1])``
+-- is turned into the same message (:func:`no_space_error`; torch's writer may report it as
+``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, so a failed save with
+less free space left than the estimate counts too). Either way the last complete
+checkpoint stays as it was (Megatron updates the tracker only after a complete save)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+__all__ = ["check_free_space", "enospc_in", "estimate_checkpoint_bytes", "mount_of",
+           "no_space_error", "no_space_message"]
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def mount_of(path: str | os.PathLike) -> Path:
+    """The mount point holding ``path`` (its nearest existing ancestor's filesystem)."""
+    p = Path(path).resolve()
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    dev = p.stat().st_dev
+    while p.parent != p and p.parent.stat().st_dev == dev:
+        p = p.parent
+    return p
+
+
+def _free(path: str | os.PathLike) -> int:
+    p = Path(path).resolve()
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def no_space_message(save: str, iteration: int, *, needed: int | None, last: str) -> str:
+    """The one line: device (mount point) and path, the estimate and the free space."""
+    need = f"needed ~{_size(needed)}, " if needed else ""
+    return (f"no space left on {mount_of(save)} for {save} ({need}free "
+            f"{_size(_free(save))}) to save the checkpoint of iteration {iteration}"
+            f"; the last complete checkpoint is {last}: free space or give another --save "
+            f"(with --load at the old one), then rerun")
+
+
+def estimate_checkpoint_bytes(model: Any, args: Any) -> int:
+    """This rank's share of the checkpoint (see the module doc), before the sum over ranks."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    numel = sum(p.numel() for p in params)
+    if getattr(args, "no_save_optim", False):
+        return weights
+    main = 4 * numel if (getattr(args, "bf16", False) or getattr(args, "fp16", False)) else 0
+    moments = 2 * 4 * numel if getattr(args, "optimizer", "adam") == "adam" else 4 * numel
+    return weights + main + moments
+
+
+def check_free_space(model: Any, args: Any, iteration: int, *,
+                     last: str) -> tuple[int, str | None]:
+    """On every rank (one all-reduce): the estimated size of the checkpoint about to be saved,
+    and the refusal line when it does not fit in the free space of ``--save`` (else None)."""
+    import torch
+
+    from .guard import _device
+
+    share = float(estimate_checkpoint_bytes(model, args))
+    free = float(_free(args.save)) if torch.distributed.get_rank() == 0 else 0.0
+    total = torch.tensor([share, free], dtype=torch.float64, device=_device())
+    torch.distributed.all_reduce(total)
+    needed = int(total[0].item() / max(1, getattr(args, "data_parallel_size", 1)))
+    if needed <= total[1].item():
+        return needed, None
+    return needed, no_space_message(args.save, iteration, needed=needed, last=last)
+
+
+def enospc_in(exc: BaseException) -> OSError | None:
+    """The ``ENOSPC`` OSError in ``exc``: itself, its cause/context chain, or (torch's
+    ``CheckpointException``) any rank's failure."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return e
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            for value in failures.values():
+                todo.append(value[0] if isinstance(value, tuple) else value)
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def no_space_error(exc: BaseException, args: Any, iteration: int, *, needed: int,
+                   last: str) -> str | None:
+    """The refusal line for a save that failed with ``ENOSPC`` (on any rank), or failed in any
+    way while ``--save`` now has less free space than the checkpoint needs (torch's file
+    writer reports a full disk as ``RuntimeError: ... unexpected pos``, without the errno);
+    else None."""
+    if enospc_in(exc) is None and _free(args.save) >= needed:
+        return None
+    return no_space_message(args.save, iteration, needed=needed, last=last)
