@@ -41,6 +41,7 @@ from typing import Any
 
 from .arch_flags import architecture_flags, gpu_fallback_flags, moe_training_flags
 from .flags import TrainArgError, drop_flag, flag_value, flag_values, has_flag
+from .export import check_export_dir
 from .hf_load import check_hf_source
 from .outputs import check_output_paths
 from .preflight import (
@@ -148,6 +149,7 @@ def complete_argv(argv: list[str], *, cpu: bool,
     check_expert_parallel_resume(argv, start)
     check_moe_tensor_parallel(argv, hf_config, cpu=cpu)
     check_eaft_flags(argv, hf_config)
+    check_export_dir(given)
     summary = check_data(argv)
     for warning in check_data_vocabulary(argv, hf_config):
         if os.environ.get("RANK", "0") == "0":

@@ -35,9 +35,11 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="load --load's pickled entries (args, RNG, optimizer, _extra_state) "
                             "without the allow-list: allows arbitrary code execution; only for "
                             "checkpoints you made yourself")
+    from .export import add_export_args
     from .landscape import add_landscape_args
     from .lock import add_lock_args
 
+    add_export_args(group)
     add_landscape_args(group)
     add_lock_args(group)
     return parser
@@ -63,6 +65,11 @@ def help_parser() -> argparse.ArgumentParser:
         "Every other flag is Megatron-LM's.", allow_abbrev=False,
         usage="%(prog)s [EAFT flags] [Megatron-LM flags]")
     add_train_args(parser)
+    eaft = next(g for g in parser._action_groups if g.title and g.title.startswith("EAFT"))
+    for action in eaft._group_actions:  # the EAFT flags show their defaults
+        if action.default not in (None, False, argparse.SUPPRESS) and isinstance(
+                action.help, str) and "default" not in action.help:
+            action.help += " (default: %(default)s)"
     add_megatron_arguments(parser)
     for action in parser._actions:
         if isinstance(action.help, str):
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"> eaft_megatron.train: {start.note}: iteration {start.iteration} >= "
                   f"--train-iters {args.train_iters}, the run is complete; nothing to do",
                   flush=True)
-        return 0
+        return _export(args)  # unless its export is missing or older
     args.padded_vocab_size = _padded_vocab(args, info.hf_config)
     if cpu:
         from ..compat import setup_cpu_training
@@ -270,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"eaft_megatron.train: error: {e}", file=sys.stderr, flush=True)
         _tell_torchrun(str(e))
         return EXIT_CODE
+    except SystemExit as e:  # --exit-signal-handler / --exit-interval: saved, then sys.exit
+        if refusal() is not None:
+            print(f"eaft_megatron.train: error: {refusal()}", file=sys.stderr, flush=True)
+            _tell_torchrun(str(refusal()))
+            return 2
+        if e.code not in (None, 0):
+            raise
     except BaseException:  # torch's CheckpointException is a BaseException
         if refusal() is None:
             raise
@@ -277,6 +291,15 @@ def main(argv: list[str] | None = None) -> int:
         _tell_torchrun(str(refusal()))
         return 2
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # every rank's part of the last checkpoint is written
         torch.distributed.destroy_process_group()
-    return 0
+    return _export(args)  # the last checkpoint is complete: --export-hf
+
+
+def _export(args: Any) -> int:
+    """``--export-hf``: rank 0 exports the last checkpoint (:mod:`.export`); 0 elsewhere."""
+    if not getattr(args, "export_hf", None) or args.rank != 0:
+        return 0
+    from .export import export_final
+
+    return export_final(args.save, args.export_hf)

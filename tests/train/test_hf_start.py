@@ -7,7 +7,8 @@ HF_DIR``, ``eaft_megatron.train.hf_load``).
 * the trainer: ``--eval-only --load HF_DIR`` at TP=2 equals transformers' CE on the 24 samples;
   ``--load RUN --save RUN --pretrained-checkpoint HF_DIR`` at PP=2 trains, stores ``RUN/hf``,
   and ``megatron-to-hf RUN`` needs nothing else (transformers' CE of the export equals the run's
-  last evaluation); the GLM-4.5 MTP layer is kept aside in ``RUN/hf`` (two torchrun launches);
+  last evaluation), and its ``--export-hf`` equals ``megatron-to-hf`` bit for bit; the GLM-4.5 MTP
+  layer is kept aside in ``RUN/hf`` (two torchrun launches);
 * bad input refused in one line before anything is built or written (the pre-flight, in
   process): missing / wrongly shaped tensors, pickle-only weights, unsupported architecture,
   a TP that does not divide the heads, ``--ckpt-step`` on a HF directory.
@@ -135,24 +136,65 @@ def test_eval_only_from_hf_dir_matches_transformers(tiny):
                                               rel=REL)
 
 
-def test_train_from_hf_dir_then_export(tiny):
+def test_train_from_hf_dir_then_export(tiny, capsys):
+    """... and ``--export-hf DIR`` (an earlier export of this run there, replaced) on an early
+    exit (``--exit-interval``: Megatron saves, then ``sys.exit``, like ``--exit-signal-handler``)
+    writes what ``megatron-to-hf`` of the last checkpoint writes, bit for bit; transformers' CE
+    of it equals the run's last evaluation; the pre-flight of ``--export-hf`` (in process)."""
     from eaft_megatron.convert import megatron_to_hf
+    from eaft_megatron.train.argv import TrainArgError, complete_argv
+    from eaft_megatron.train.export import RECORD, export_final
     from tests.train.test_pretrain import _hf_reference
 
-    out = tiny["root"] / "run-hf-pp2"
+    out, export = tiny["root"] / "run-hf-pp2", tiny["root"] / "run-hf-pp2-hf"
+    export.mkdir()  # an earlier (here: unfinished) export of this run: replaced
+    (export / "config.json").write_text("{}")
+    out.mkdir()
+    (out / RECORD).write_text(json.dumps({"exports": {str(export.resolve()): None}}))
     run = check(run_train(out, "--load", str(out), "--save", str(out), "--pretrained-checkpoint",
-                          str(tiny["hf"]), "--train-iters", "2", "--save-interval", "2",
-                          "--eval-interval", "2", *EVAL_ALL, "--pipeline-model-parallel-size",
-                          "2", *_common(tiny), nproc=2))
+                          str(tiny["hf"]), "--train-iters", "4", "--exit-interval", "2",
+                          "--save-interval", "2", "--eval-interval", "2", *EVAL_ALL,
+                          "--pipeline-model-parallel-size", "2", "--export-hf", str(export),
+                          *_common(tiny), nproc=2))
     assert "loading the Hugging Face model" in run.output
     assert sorted(run.train()) == [1, 2]
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert json.loads((out / "hf" / "config.json").read_text())["architectures"] == [
         "Qwen3ForCausalLM"]
-    exported = megatron_to_hf(out, tiny["root"] / "run-hf-pp2-export", dtype="fp32",
-                              progress=False)
-    ref = _hf_reference(exported, tiny["data"])
+    assert json.loads((out / RECORD).read_text()) == {"exports": {str(export.resolve()): 2}}
+    reference = megatron_to_hf(out, tiny["root"] / "run-hf-pp2-export", progress=False)
+    files = sorted(p.name for p in reference.iterdir())
+    shards = [n for n in files if n.endswith(".safetensors")]
+    assert sorted(p.name for p in export.iterdir()) == files and shards
+    for name in files:
+        assert (export / name).read_bytes() == (reference / name).read_bytes(), name
+    ref = _hf_reference(export, tiny["data"])  # transformers loads it
     assert run.of("valid")[-1]["lm_loss"] == pytest.approx(ref["ce"], rel=REL)
+    # a rerun of the finished run: the export of iteration 2 is there, nothing rewritten
+    inode = (export / shards[0]).stat().st_ino
+    capsys.readouterr()
+    assert export_final(str(out), str(export)) == 0
+    assert "already holds iteration 2; nothing to export" in capsys.readouterr().out
+    assert (export / shards[0]).stat().st_ino == inode
+
+    # the pre-flight: the earlier export is accepted; anything else is refused in one line
+    base = ["--load", str(out), "--save", str(out), *_common(tiny)]
+    complete_argv([*base, "--export-hf", str(export)], cpu=True, te_available=False)
+    foreign = tiny["root"] / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    cases = [(foreign, "is not empty and is not an earlier export of this run"),
+             (out / "hf-export", f"overlaps --save {out}"),
+             (tiny["hf"], "overlaps --pretrained-checkpoint")]
+    for target, message in cases:
+        argv = [*base, "--pretrained-checkpoint", str(tiny["hf"]), "--export-hf", str(target)]
+        with pytest.raises(TrainArgError) as e:
+            complete_argv(argv, cpu=True, te_available=False)
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(TrainArgError, match="needs --save"):
+        complete_argv([*base, "--eval-only", "--export-hf", str(foreign / "x")], cpu=True,
+                      te_available=False)
+    assert (foreign / "notes.txt").read_text() == "mine" and not (out / "hf-export").exists()
 
 
 # ---------------------------------------------------------------------------------------------
