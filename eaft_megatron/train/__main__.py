@@ -19,7 +19,18 @@ def single_process_defaults() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
+def quiet_no_cuda_notice() -> None:
+    """Drop torch's "No CUDA runtime is found, using CUDA_HOME=..." warning (logged when
+    megatron imports ``torch.utils.cpp_extension`` on a machine without a GPU: it says nothing
+    about a CPU run, and was the first line of ``--help``); its other messages stay."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not str(record.msg).startswith("No CUDA runtime is found"))
+
+
 if __name__ == "__main__":  # spawned helpers (checkpoint saving's Manager) re-import this module
+    quiet_no_cuda_notice()
     from ..compat.lazy_compile import defer_torch_compile
 
     defer_torch_compile()  # before megatron's import: its jit helpers compile on first use

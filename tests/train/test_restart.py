@@ -177,6 +177,9 @@ def test_help_lists_the_eaft_flags():
         assert flag in eaft.split("\n\n")[0] or flag in eaft[:4000], flag
     assert "--pretrained-checkpoint" in out and "--tensor-model-parallel-size" in out
     assert "--moe-paged-stash-buffer-size-factor-cuda" in out  # the help string megatron breaks
+    assert "No CUDA runtime" not in proc.stderr, proc.stderr  # torch's notice on CPU: dropped
+    top_k = eaft[eaft.index("--eaft-top-k"):eaft.index("--eaft-alpha")]
+    assert "(default: 20)" in " ".join(top_k.split()), top_k  # the EAFT flags show defaults
 
 
 def test_help_percent_escape():
