@@ -16,12 +16,15 @@ counts them, per evaluation, into:
                     probability), the iteration, model, checkpoint and data.
 ``samples.jsonl``   one line per evaluated conversation, most conflicting first: input file and
                     line (from ``preprocess``'s provenance), supervised tokens, confident
-                    conflicts (count and share), mean gate weight; for the ``--eaft-landscape-top``
+                    conflicts (count and share), mean gate weight -- per evaluated copy (an
+                    evaluation cycling over the data counts a conversation ``evaluations``
+                    times; the ranking uses the counts per copy); for the ``--eaft-landscape-top``
                     most conflicting ones, the conflicting positions decoded with the tokenizer in
                     ``<checkpoint>/hf``: the label, the model's most likely token, p(label), the
                     normalised entropy and the text before.
 ``landscape.png``   the histogram as a heatmap (log colour scale), the conflict quadrant
-                    outlined, the marginal distributions (needs matplotlib).
+                    outlined, the marginal distributions (needs matplotlib; without it rank 0
+                    says so at start and the writer when it skips the file).
 
 With ``--eaft-landscape-interval N`` every evaluation at an iteration that is a multiple of N
 (and the final one) writes ``DIR/iter_0000N00/``; ``DIR/`` itself holds the latest. Files are
@@ -94,6 +97,14 @@ class Landscape:
         self.hf_dir = str(hf_dir)
         self.data = (args.valid_data_path or args.data_path or args.train_data_path)[0]
         self.writer = args.rank == args.world_size - 1
+        if args.rank == 0:
+            import importlib.util
+
+            if importlib.util.find_spec("matplotlib") is None:
+                from .landscape_output import NO_MATPLOTLIB
+
+                print(f"eaft_megatron.train: warning: --eaft-landscape {args.eaft_landscape}: "
+                      f"no landscape.png: {NO_MATPLOTLIB}", flush=True)
         self.contributor: bool | None = None  # known once Megatron built its groups
         self.dp_group = None
         self.current: _Accumulator | None = None

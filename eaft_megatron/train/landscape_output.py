@@ -13,7 +13,11 @@ import numpy as np
 
 from .landscape_stats import QUADRANTS
 
-__all__ = ["landscape_record", "sample_records", "share", "write_landscape"]
+__all__ = ["NO_MATPLOTLIB", "landscape_record", "sample_records", "share", "write_landscape"]
+
+NO_MATPLOTLIB = ("matplotlib is not installed (pip install matplotlib, or the package's [test] "
+                 "extra); landscape.json and samples.jsonl are written, and `eaft-megatron "
+                 "landscape DIR` draws landscape.png later")
 
 
 def share(a: float, b: float) -> float:
@@ -78,9 +82,12 @@ def sample_records(merged: dict, *, data: str, hf_dir: str, top: int,
         provenance = load_provenance(data)
     except (OSError, ValueError):
         provenance = None
-    rows = merged["rows"]
-    # most conflicting first: count, then share, then conversation id
-    order = sorted(range(len(rows)), key=lambda i: (-rows[i, 2], -rows[i, 2] / rows[i, 1],
+    rows = merged["rows"].copy()
+    # per evaluated copy: an evaluation that cycles over the data counts a conversation n times
+    copies = np.maximum(rows[:, 4], 1)
+    rows[:, 1:4] /= copies[:, None]
+    # most conflicting first: count per copy, then share, then conversation id
+    order = sorted(range(len(rows)), key=lambda i: (-rows[i, 2], -share(rows[i, 2], rows[i, 1]),
                                                     rows[i, 0]))
     slots_by_conv: dict[int, np.ndarray] = {}
     slots = merged["slots"]
@@ -104,8 +111,8 @@ def sample_records(merged: dict, *, data: str, hf_dir: str, top: int,
             "rank": rank + 1, "conversation": conv,
             "sample": (int(np.searchsorted(documents, conv, side="right") - 1)
                        if documents is not None else None),
-            "file": path, "line": line, "supervised_tokens": int(supervised),
-            "confident_conflicts": int(conflicts),
+            "file": path, "line": line, "supervised_tokens": int(round(supervised)),
+            "confident_conflicts": int(round(conflicts)),
             "conflict_share": share(conflicts, supervised),
             "mean_gate_weight": share(weight_sum, supervised),
         }
@@ -147,6 +154,8 @@ def write_landscape(directory: Path, merged: dict, *, args: Any, hf_dir: str, da
     try:
         import matplotlib  # noqa: F401
     except ImportError:
+        print(f"eaft_megatron.train: warning: {directory / 'landscape.png'} not drawn: "
+              f"{NO_MATPLOTLIB}", flush=True)
         return
     from ..plots import plot_landscapes
 
