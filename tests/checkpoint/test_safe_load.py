@@ -1,6 +1,6 @@
 """The trainer never unpickles a checkpoint freely (``eaft_megatron/checkpoint/safe_load.py``).
 
-    python -m pytest -q tests/compat/test_safe_load.py
+    python -m pytest -q tests/checkpoint/test_safe_load.py
 
 A real trainer checkpoint (the tiny Qwen3 of ``tests/support/fixtures.py``, 2 iterations, optimizer
 and RNG state) is read entry by entry through the safe path and compared with torch's own free
