@@ -53,7 +53,8 @@ def _convert(args) -> int:
             else:
                 out = megatron_to_hf(args.megatron, args.out, dtype=args.dtype,
                                      hf_config=args.hf_config, iteration=args.iteration,
-                                     force=args.force, allow_non_finite=args.allow_non_finite)
+                                     force=args.force, allow_non_finite=args.allow_non_finite,
+                                     nproc=args.nproc)
     except (ConversionError, UnsafePathError) as e:
         print(f"eaft-megatron convert: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -96,6 +97,9 @@ def _add_convert(sub) -> None:
                      help="replace a non-empty --out (never one overlapping an input)")
     m2h.add_argument("--allow-non-finite", action="store_true",
                      help="convert even if some weights are NaN/Inf (refused by default)")
+    m2h.add_argument("--nproc", type=int, default=1,
+                     help="local processes sharing the export (whole output shards each; "
+                          "each holds about 1/N of the model); same files as with 1")
     convert.set_defaults(func=_convert)
 
 

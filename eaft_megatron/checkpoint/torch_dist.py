@@ -202,9 +202,14 @@ def _check_requested_tensors(sharded, meta, iteration_dir: Path) -> None:
                               + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
 
 
-def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> None:
+def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path, *,
+                       names: set[str] | None = None) -> None:
     """Fill ``models`` from a torch_dist checkpoint (converted or written by the trainer, any
-    TP/PP); every parameter must be found, extra entries (optimizer state...) are ignored."""
+    TP/PP); every parameter must be found, extra entries (optimizer state...) are ignored.
+    ``names``: fill only these state-dict entries of a single model (the others are neither
+    read nor touched: ``convert megatron-to-hf --nproc``); every rank of a world of two or
+    more calls this, each with its own non-empty names (in a world of one, megatron-core
+    places a layer-stacked tensor's other layers on rank 0 too: request them all)."""
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -213,6 +218,9 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> No
         sharded = {"model": models[0].sharded_state_dict()}
     else:
         sharded = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
+    if names is not None:
+        assert len(models) == 1, "names= selects entries of one model"
+        sharded["model"] = {k: v for k, v in sharded["model"].items() if k in names}
     _expand_factories(sharded, consume=False)  # load fc1 halves in place
     sharded = _tensors_only(sharded)
     _check_requested_tensors(sharded, meta, iteration_dir)
@@ -225,10 +233,11 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> No
             for name, sd in sharded.items()}
     strategy = TorchDistLoadShardedStrategy()
     try:
-        loaded = strategy.load(first, Path(iteration_dir))
-        later = strategy.load(rest, Path(iteration_dir))
-        for name in sharded:
-            loaded[name].update(later[name])
+        loaded = {name: {} for name in sharded}
+        # names: one load, the same number of (collective) loads on every rank
+        for part in (first, rest) if names is None else (sharded,):
+            for name, sd in strategy.load(part, Path(iteration_dir)).items():
+                loaded[name].update(sd)
     except (Exception, CheckpointException) as e:  # (CheckpointException is a BaseException)
         _reraise_interrupt(e)
         raise CheckpointError(f"cannot load model weights from {iteration_dir}: "
@@ -241,7 +250,8 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path) -> No
         in_place = {k for k, v in sd.items() if not isinstance(v, torch.Tensor)}
         sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
         missing, unexpected = m.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state") and k not in in_place]
+        missing = [k for k in missing if not k.endswith("_extra_state") and k not in in_place
+                   and (names is None or k in names)]
         if missing:
             raise CheckpointError(f"checkpoint {iteration_dir} lacks parameters: {missing[:10]}")
 

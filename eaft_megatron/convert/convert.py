@@ -346,10 +346,16 @@ def megatron_to_hf(
     allow_non_finite: bool = False,
     progress: bool = True,
     max_shard_bytes: int = 1 << 30,
+    nproc: int = 1,
 ) -> Path:
     """Convert a Megatron-Core torch_dist checkpoint (converted or trained) to a HF directory.
-    A checkpoint with NaN/Inf values is refused (naming the tensors) unless ``allow_non_finite``."""
+    A checkpoint with NaN/Inf values is refused (naming the tensors) unless ``allow_non_finite``.
+    ``nproc > 1``: that many local processes share the shards (:mod:`.parallel`), each holding
+    about 1/nproc of the model; the files are the same as with one."""
     from .. import models
+
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ConversionError(f"--nproc must be a positive number of processes, got {nproc}")
 
     megatron_dir = _input_dir(megatron_dir, "Megatron checkpoint directory")
     iter_dir = find_iteration_dir(megatron_dir, iteration)
@@ -374,47 +380,21 @@ def megatron_to_hf(
     out_dtype = _resolve_dtype(dtype, ckpt_dtype)  # default: what the checkpoint holds
 
     with atomic_output(out, inputs=inputs, force=force) as tmp:
-        with megatron_process_group():
-            model = _build_model(config, padded_vocab=padded_vocab, dtype=ckpt_dtype)
-            load_model_weights([model], iter_dir)
-            tensors = {k: v.detach() for k, v in _parameters(model).items()}
-            del model
-        if not allow_non_finite and (bad := non_finite_tensors(tensors)):
-            more = " ..." if len(bad) > 5 else ""
-            raise ConversionError(f"{iter_dir} has non-finite values (NaN/Inf) in {len(bad)} "
-                                  f"tensor(s): {', '.join(bad[:5])}{more}; nothing written "
-                                  f"(--allow-non-finite converts it anyway)")
-        expected = set(models.megatron_names(arch, config, te=False))
-        unknown, absent = sorted(set(tensors) - expected), sorted(expected - set(tensors))
-        if unknown or absent:
-            raise ConversionError(f"the {arch.hf_architecture} mapping does not match the model: "
-                                  f"not consumed {unknown[:8]}, missing {absent[:8]}")
+        if nproc > 1:
+            from .parallel import run_workers
 
-        def take(name: str) -> torch.Tensor:  # hand each parameter over once, then forget it
-            try:
-                return tensors.pop(name)
-            except KeyError:
-                raise ConversionError(f"mapping asked for {name!r} twice or it does not "
-                                      f"exist") from None
-
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
-        stream = _mapped(models.megatron_to_hf(arch, config, take, te=False))
-        with Progress(total=len(models.hf_names(arch, config)), desc="megatron -> hf",
-                      unit="tensors", enabled=progress) as bar:
-            for name, tensor in stream:
-                keep = name.endswith(_KEEP_FP32_HF) and tensor.dtype == torch.float32
-                writer.add(name, tensor if keep else tensor.to(out_dtype))
-                bar.update(1)
-            if (hf_side / EXTRA_TENSORS_FILE).is_file():  # carried through: as stored
-                from safetensors import safe_open
-
-                with safe_open(str(hf_side / EXTRA_TENSORS_FILE), "pt") as f:
-                    for name in f.keys():
-                        writer.add(name, f.get_tensor(name))
-        if tensors:
-            raise ConversionError(f"Megatron parameters not consumed by the {arch.hf_architecture} "
-                                  f"mapping: {sorted(tensors)[:8]}")
-        writer.close()
+            run_workers(tmp, nproc, dict(
+                iter_dir=str(iter_dir), hf_side=str(hf_side), padded_vocab=padded_vocab,
+                ckpt_dtype=str(ckpt_dtype).removeprefix("torch."),
+                out_dtype=str(out_dtype).removeprefix("torch."),
+                extra=str(hf_side / EXTRA_TENSORS_FILE)
+                if (hf_side / EXTRA_TENSORS_FILE).is_file() else None,
+                allow_non_finite=allow_non_finite, max_shard_bytes=max_shard_bytes))
+        else:
+            _export(tmp, config, arch, iter_dir, hf_side, padded_vocab=padded_vocab,
+                    ckpt_dtype=ckpt_dtype, out_dtype=out_dtype,
+                    allow_non_finite=allow_non_finite, progress=progress,
+                    max_shard_bytes=max_shard_bytes)
         copy_side_files(hf_side, tmp, [n for n in _side_names(hf_side)
                                        if n not in ("config.json", EXTRA_TENSORS_FILE)])
         raw = json.loads((hf_side / "config.json").read_text())
@@ -422,6 +402,55 @@ def megatron_to_hf(
         raw[key] = str(out_dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     return Path(out)
+
+
+def _export(tmp: Path, config, arch, iter_dir: Path, hf_side: Path, *, padded_vocab: int,
+            ckpt_dtype: torch.dtype, out_dtype: torch.dtype, allow_non_finite: bool,
+            progress: bool, max_shard_bytes: int) -> None:
+    """The shards and index of the HF checkpoint, in this process."""
+    from .. import models
+
+    with megatron_process_group():
+        model = _build_model(config, padded_vocab=padded_vocab, dtype=ckpt_dtype)
+        load_model_weights([model], iter_dir)
+        tensors = {k: v.detach() for k, v in _parameters(model).items()}
+        del model
+    if not allow_non_finite and (bad := non_finite_tensors(tensors)):
+        more = " ..." if len(bad) > 5 else ""
+        raise ConversionError(f"{iter_dir} has non-finite values (NaN/Inf) in {len(bad)} "
+                              f"tensor(s): {', '.join(bad[:5])}{more}; nothing written "
+                              f"(--allow-non-finite converts it anyway)")
+    expected = set(models.megatron_names(arch, config, te=False))
+    unknown, absent = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+    if unknown or absent:
+        raise ConversionError(f"the {arch.hf_architecture} mapping does not match the model: "
+                              f"not consumed {unknown[:8]}, missing {absent[:8]}")
+
+    def take(name: str) -> torch.Tensor:  # hand each parameter over once, then forget it
+        try:
+            return tensors.pop(name)
+        except KeyError:
+            raise ConversionError(f"mapping asked for {name!r} twice or it does not "
+                                  f"exist") from None
+
+    writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
+    stream = _mapped(models.megatron_to_hf(arch, config, take, te=False))
+    with Progress(total=len(models.hf_names(arch, config)), desc="megatron -> hf",
+                  unit="tensors", enabled=progress) as bar:
+        for name, tensor in stream:
+            keep = name.endswith(_KEEP_FP32_HF) and tensor.dtype == torch.float32
+            writer.add(name, tensor if keep else tensor.to(out_dtype))
+            bar.update(1)
+        if (hf_side / EXTRA_TENSORS_FILE).is_file():  # carried through: as stored
+            from safetensors import safe_open
+
+            with safe_open(str(hf_side / EXTRA_TENSORS_FILE), "pt") as f:
+                for name in f.keys():
+                    writer.add(name, f.get_tensor(name))
+    if tensors:
+        raise ConversionError(f"Megatron parameters not consumed by the {arch.hf_architecture} "
+                              f"mapping: {sorted(tensors)[:8]}")
+    writer.close()
 
 
 def _side_names(directory: Path) -> list[str]:

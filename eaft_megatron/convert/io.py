@@ -189,6 +189,31 @@ class SafetensorsReader:
         return out
 
 
+def shard_file_name(i: int, n: int) -> str:
+    """The name of shard ``i`` (from 0) of ``n`` in a sharded HF checkpoint."""
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """One safetensors file of ``tensors`` (in this order), each tensor's bytes written straight
+    from its memory."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(_bytes_view(t))
+
+
 class ShardedSafetensorsWriter:
     """Write tensors into ``model-0000i-of-0000n.safetensors`` shards + index, streaming.
 
@@ -220,22 +245,8 @@ class ShardedSafetensorsWriter:
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
-        header: dict = {"__metadata__": self.metadata}
-        offset = 0
-        for name, t in self._pending.items():
-            n = t.numel() * t.element_size()
-            header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
-                            "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-        path = self.directory / f"shard-{len(self._shards):05d}.safetensors.tmp"
-        with open(path, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            for t in self._pending.values():
-                if t.numel():
-                    f.write(_bytes_view(t))
+        write_safetensors(self.directory / f"shard-{len(self._shards):05d}.safetensors.tmp",
+                          self._pending, self.metadata)
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 
@@ -245,7 +256,7 @@ class ShardedSafetensorsWriter:
         n = len(self._shards)
         weight_map = {}
         for i, names in enumerate(self._shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            final = shard_file_name(i, n)
             os.replace(self.directory / f"shard-{i:05d}.safetensors.tmp", self.directory / final)
             weight_map.update({name: final for name in names})
         index = {"metadata": {"total_size": self.total_bytes},

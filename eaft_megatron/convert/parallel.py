@@ -1,0 +1,272 @@
+"""``convert megatron-to-hf --nproc N``: N local processes export one HF checkpoint.
+
+The export writes the same shards as one process (``max_shard_bytes`` cuts the output stream
+at the same tensors, :class:`~.io.ShardedSafetensorsWriter`'s rule), so the shards are shared
+out: every worker
+
+1. builds the TP=1/PP=1 model without initialising it (its parameters are never touched, so
+   they cost address space, not memory) and runs the architecture's mapping once on meta
+   tensors: the HF tensors in output order, their sizes, and the Megatron parameters each
+   one is made from;
+2. takes a contiguous run of whole shards, about 1/N of the bytes (:func:`shares`);
+3. loads from the torch_dist checkpoint only the parameters its shards are made from
+   (``load_model_weights(names=...)``; a parameter feeding shards of two workers, e.g. a fused
+   QKV cut by a shard boundary, is read by both), runs the mapping again, real where it holds
+   the parameters and on meta elsewhere, and writes its shard files under their final names.
+
+The workers form one gloo world (rendezvous through a store held by the parent) only for
+the torch_dist load, a collective in megatron-core. The parent writes the index from what the
+workers report, then the config and tokenizer files, inside the same
+:func:`~eaft_megatron.paths.atomic_output` temporary as a one-process export: the output
+appears only when every worker finished. A worker that fails or dies (kill -9) stops the
+others and the temporary is removed; the workers die with the parent
+(``compat.processes.die_with_parent``). The files are bit-identical to ``--nproc 1``. A
+checkpoint whose export is a single shard (below ``max_shard_bytes``) has nothing to share:
+one worker does it all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .io import SAFETENSORS_INDEX, ConversionError
+
+_SPEC = ".nproc-spec.json"
+
+
+def _result(tmp: Path, rank: int, kind: str) -> Path:
+    return tmp / f".nproc-rank{rank}.{kind}"
+
+
+def run_workers(tmp: Path, nproc: int, spec: dict) -> None:
+    """Export with ``nproc`` worker processes into ``tmp``; write the index. Raises
+    ConversionError (the first failing worker's one-line message) if any worker fails."""
+    import torch.distributed as dist
+
+    # The workers' rendezvous, held by this process (no port to race for).
+    store = dist.TCPStore("127.0.0.1", 0, world_size=nproc + 1, is_master=True,
+                          wait_for_workers=False)
+    (tmp / _SPEC).write_text(json.dumps({**spec, "nproc": nproc, "parent": os.getpid(),
+                                         "port": store.port}))
+    procs: list[subprocess.Popen] = []
+    try:
+        for rank in range(nproc):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "eaft_megatron.convert.parallel", str(tmp), str(rank)]))
+        while True:
+            codes = [p.poll() for p in procs]  # (every one: a failure ends the wait at once)
+            if None not in codes or any(c not in (None, 0) for c in codes):
+                break
+            time.sleep(0.05)
+        for rank, p in enumerate(procs):
+            if p.returncode not in (None, 0):
+                error = _result(tmp, rank, "error")
+                if error.is_file():
+                    raise ConversionError(error.read_text().strip())
+                how = (f"was killed by signal {-p.returncode}" if p.returncode < 0
+                       else f"exited with status {p.returncode}")
+                raise ConversionError(f"--nproc {nproc}: worker {rank} {how}; nothing written")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    weight_map, total = {}, 0
+    for rank in range(nproc):
+        done = json.loads(_result(tmp, rank, "json").read_text())
+        weight_map.update(done["weight_map"])
+        total += done["bytes"]
+        _result(tmp, rank, "json").unlink()
+    (tmp / _SPEC).unlink()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def shares(sizes: list[int], nproc: int) -> list[int]:
+    """The worker of each shard: contiguous runs, each about 1/nproc of the bytes (a shard goes
+    to the worker whose share holds its middle byte)."""
+    total, start, owners = max(sum(sizes), 1), 0, []
+    for size in sizes:
+        owners.append(min(nproc - 1, (2 * start + size) * nproc // (2 * total)))
+        start += size
+    return owners
+
+
+def _plan(arch, config, params: dict, out_dtype, extra: Path | None, max_shard_bytes: int):
+    """The export on meta tensors: [(hf name, nbytes, Megatron names it is made from)] in
+    output order, and the shard index of each."""
+    from .. import models
+    from .convert import _KEEP_FP32_HF, _mapped
+    from .io import _ST_DTYPES
+
+    taken: list[str] = []
+    groups: list[int] = []  # the group (run of takes and the outputs after it) of each take
+
+    def take(name: str) -> torch.Tensor:
+        if name not in params:
+            raise ConversionError(f"mapping asked for {name!r}, which the model does not have")
+        taken.append(name)
+        groups.append(group + 1)  # (the group number changes at its first output)
+        return torch.empty_like(params[name], device="meta")
+
+    outputs, deps, group = [], frozenset(), -1
+    for name, t in _mapped(models.megatron_to_hf(arch, config, take, te=False)):
+        if taken:  # the outputs after a run of takes are made from those parameters
+            deps, taken, group = frozenset(taken), [], group + 1
+        keep = name.endswith(_KEEP_FP32_HF) and t.dtype == torch.float32
+        size = torch.empty((), dtype=torch.float32 if keep else out_dtype).element_size()
+        outputs.append((name, t.numel() * size, deps, group))
+    used = set().union(*(o[2] for o in outputs))
+    if unused := sorted(set(params) - used):
+        raise ConversionError(f"Megatron parameters not consumed by the {arch.hf_architecture} "
+                              f"mapping: {unused[:8]}")
+    if extra is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(extra), "pt") as f:
+            for name in f.keys():
+                s = f.get_slice(name)
+                numel = 1
+                for d in s.get_shape():
+                    numel *= d
+                size = torch.empty((), dtype=_ST_DTYPES[s.get_dtype()]).element_size()
+                outputs.append((name, numel * size, frozenset(), -1))
+    shard, pending, of = 0, 0, []  # ShardedSafetensorsWriter.add's rule
+    for _, nbytes, _, _ in outputs:
+        if pending and pending + nbytes > max_shard_bytes:
+            shard, pending = shard + 1, 0
+        pending += nbytes
+        of.append(shard)
+    return outputs, of, groups
+
+
+def _worker(tmp: Path, rank: int) -> None:
+    from .. import models
+    from ..checkpoint import load_model_weights, megatron_process_group
+    from .convert import (
+        _KEEP_FP32_HF,
+        _build_model,
+        _mapped,
+        _parameters,
+        load_hf_config,
+        non_finite_tensors,
+    )
+    from .io import shard_file_name, write_safetensors
+
+    spec = json.loads((tmp / _SPEC).read_text())
+    nproc, iter_dir = spec["nproc"], Path(spec["iter_dir"])
+    out_dtype, ckpt_dtype = getattr(torch, spec["out_dtype"]), getattr(torch, spec["ckpt_dtype"])
+    extra = Path(spec["extra"]) if spec["extra"] else None
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+    config = load_hf_config(spec["hf_side"])
+    arch = models.get_arch(config)
+    # One gloo world of the workers: torch_dist loads are collective, and megatron-core can
+    # only load part of a layer-stacked tensor in a world of two or more.
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", spec["port"], world_size=nproc + 1, is_master=False)
+    dist.init_process_group("gloo", store=dist.PrefixStore("nproc", store), rank=rank,
+                            world_size=nproc)
+    with megatron_process_group():
+        model = _build_model(config, padded_vocab=spec["padded_vocab"], dtype=ckpt_dtype)
+        params = {k: v.detach() for k, v in _parameters(model).items()}
+        expected = set(models.megatron_names(arch, config, te=False))
+        unknown, absent = sorted(set(params) - expected), sorted(expected - set(params))
+        if unknown or absent:
+            raise ConversionError(f"the {arch.hf_architecture} mapping does not match the "
+                                  f"model: not consumed {unknown[:8]}, missing {absent[:8]}")
+        outputs, shard_of, take_groups = _plan(arch, config, params, out_dtype, extra,
+                                  spec["max_shard_bytes"])
+        count = shard_of[-1] + 1 if shard_of else 1
+        sizes = [0] * count
+        for (_, nbytes, _, _), s in zip(outputs, shard_of):
+            sizes[s] += nbytes
+        owner = shares(sizes, nproc)
+        mine = {o[0]: s for o, s in zip(outputs, shard_of) if owner[s] == rank}
+        needed = set().union(*(o[2] for o in outputs if o[0] in mine))
+        # the mapping's steps with an output of this worker's: real there, meta elsewhere
+        real = {o[3] for o in outputs if o[0] in mine}
+        # A collective: every worker loads, at least the smallest tensor.
+        needed.add(min(params.items(), key=lambda kv: (kv[1].numel(), kv[0]))[0])
+        load_model_weights([model], iter_dir, names=needed)
+        tensors = {k: params[k] for k in needed}
+        metas = {k: torch.empty_like(v, device="meta") for k, v in params.items()}
+        del model, params
+    dist.destroy_process_group()  # nothing more is exchanged
+    if not spec["allow_non_finite"] and (bad := non_finite_tensors(tensors)):
+        more = " ..." if len(bad) > 5 else ""
+        raise ConversionError(f"{iter_dir} has non-finite values (NaN/Inf) in {len(bad)} "
+                              f"tensor(s) (worker {rank}'s share): {', '.join(bad[:5])}{more}; "
+                              f"nothing written (--allow-non-finite converts it anyway)")
+
+    calls = iter(take_groups)
+
+    def take(name: str) -> torch.Tensor:  # this worker's parameters once, meta otherwise
+        if next(calls, None) in real and name in tensors:
+            return tensors.pop(name)
+        if name not in metas:
+            raise ConversionError(f"mapping asked for {name!r}, which the model does not have")
+        return metas[name]
+
+    left = {s: sum(1 for n in mine if mine[n] == s) for s in set(mine.values())}
+    pending: dict[int, dict[str, torch.Tensor]] = {s: {} for s in left}
+    weight_map, total = {}, 0
+
+    def add(name: str, tensor: torch.Tensor) -> None:
+        nonlocal total
+        s = mine[name]
+        if tensor.device.type == "meta":
+            raise ConversionError(f"--nproc: {name} depends on parameters the mapping took "
+                                  f"before the ones it was attributed to; use --nproc 1")
+        pending[s][name] = tensor.detach().cpu().contiguous()
+        total += tensor.numel() * tensor.element_size()
+        left[s] -= 1
+        if not left[s]:
+            write_safetensors(tmp / shard_file_name(s, count), pending.pop(s), {"format": "pt"})
+            weight_map.update({n: shard_file_name(s, count) for n, o in mine.items() if o == s})
+
+    for name, tensor in _mapped(models.megatron_to_hf(arch, config, take, te=False)):
+        if name in mine:
+            keep = name.endswith(_KEEP_FP32_HF) and tensor.dtype == torch.float32
+            add(name, tensor if keep else tensor.to(out_dtype))
+        del tensor
+    if extra is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(extra), "pt") as f:
+            for name in f.keys():
+                if name in mine:
+                    add(name, f.get_tensor(name))
+    if pending:
+        raise ConversionError(f"--nproc: worker {rank} did not get all of its tensors")
+    _result(tmp, rank, "json").write_text(json.dumps({"weight_map": weight_map, "bytes": total}))
+
+
+def main(argv: list[str]) -> int:
+    from ..checkpoint import CheckpointError
+    from ..compat.processes import die_with_parent
+    from .convert import prepare_command_line
+
+    tmp, rank = Path(argv[0]), int(argv[1])
+    # Ctrl-C reaches the whole process group: the parent stops the workers and cleans up.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(json.loads((tmp / _SPEC).read_text())["parent"])
+    prepare_command_line()
+    try:
+        _worker(tmp, rank)
+    except (ConversionError, CheckpointError) as e:
+        _result(tmp, rank, "error").write_text(" ".join(str(e).split()) + "\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
