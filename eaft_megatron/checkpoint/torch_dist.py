@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -210,6 +211,7 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path, *,
     read nor touched: ``convert megatron-to-hf --nproc``); every rank of a world of two or
     more calls this, each with its own non-empty names (in a world of one, megatron-core
     places a layer-stacked tensor's other layers on rank 0 too: request them all)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -231,11 +233,16 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path, *,
              for name, sd in sharded.items()}
     rest = {name: {k: v for k, v in sd.items() if not k.startswith(_VOCAB_TENSORS)}
             for name, sd in sharded.items()}
+    if names is not None:  # both loads are collectives: neither may be empty on any rank
+        small = min(((k, v) for sd in (first, rest) for k, v in sd["model"].items()
+                     if isinstance(v, ShardedTensor)), key=lambda kv: (kv[1].data.numel(), kv[0]))
+        for part in (first, rest):
+            if not part["model"]:  # (a copy of the entry: the load rewrites its .data view)
+                part["model"][small[0]] = dataclasses.replace(small[1])
     strategy = TorchDistLoadShardedStrategy()
     try:
         loaded = {name: {} for name in sharded}
-        # names: one load, the same number of (collective) loads on every rank
-        for part in (first, rest) if names is None else (sharded,):
+        for part in (first, rest):
             for name, sd in strategy.load(part, Path(iteration_dir)).items():
                 loaded[name].update(sd)
     except (Exception, CheckpointException) as e:  # (CheckpointException is a BaseException)
