@@ -179,8 +179,12 @@ def child(argv: list[str]) -> None:
     rc = main(["convert", *argv])
     t2 = time.perf_counter()
     peak = _peak_rss()
+    # --nproc workers (children of this process): the largest peak of one of them
+    import resource
+
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print("RESULT " + json.dumps(dict(rc=rc, import_s=t1 - t0, convert_s=t2 - t1,
-                                      baseline=baseline, peak=peak)))
+                                      baseline=baseline, peak=peak, worker_peak=workers)))
 
 
 def _run(argv: list[str]) -> str:
@@ -214,6 +218,10 @@ def main() -> None:
     p.add_argument("--moe-ffn", type=int, default=128, help="expert intermediate size")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="checkpoint dtype (--moe only; the dense rows are bf16)")
+    p.add_argument("--nproc", type=int, nargs="+", default=[1],
+                   help="megatron-to-hf --nproc values to measure, e.g. 1 2 4 (adds the "
+                        "columns nproc and worker_peak_rss_gib; a worker's imports are taken "
+                        "to cost what the parent's do)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None, help="CSV (default results/convert_cpu.csv, --moe: "
                                                "results/convert_moe_cpu.csv)")
@@ -250,15 +258,20 @@ def main() -> None:
                     f"print(padded_vocab_size({vocab}, {tp}))")]))
                 described = dict(vocab=vocab, padded_vocab=padded, tied=not args.untied)
             itemsize = 4 if args.moe and args.dtype == "float32" else 2
-            for direction, argv in (
-                ("hf-to-megatron", ["hf-to-megatron", "--hf", str(tmp / "hf"), "--out",
-                                    str(tmp / "mcore"), "--tp", str(tp)]),
-                ("megatron-to-hf", ["megatron-to-hf", "--megatron", str(tmp / "mcore"),
-                                    "--out", str(tmp / "hf_out")]),
-            ):
+            runs = [("hf-to-megatron", 1, ["hf-to-megatron", "--hf", str(tmp / "hf"),
+                                           "--out", str(tmp / "mcore"), "--tp", str(tp)])]
+            runs += [("megatron-to-hf", n, ["megatron-to-hf", "--megatron", str(tmp / "mcore"),
+                                            "--out", str(tmp / f"hf_out{n}"), "--nproc",
+                                            str(n)]) for n in args.nproc]
+            for direction, nproc, argv in runs:
                 r = run_child(argv)
+                if nproc > 1:  # the largest process is a worker
+                    r["peak"] = max(r["peak"], r["worker_peak"])
+                extra = ({} if args.nproc == [1] else
+                         dict(nproc=nproc, worker_peak_rss_gib=round(r["worker_peak"] / 2**30, 2)
+                              if nproc > 1 else ""))
                 rows.append(dict(
-                    direction=direction, **described,
+                    direction=direction, **extra, **described,
                     params_b=round(size / itemsize / 1e9, 3),
                     checkpoint_gib=round(size / 2**30, 2), seconds=round(r["convert_s"], 1),
                     peak_rss_gib=round(r["peak"] / 2**30, 2),
