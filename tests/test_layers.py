@@ -51,6 +51,9 @@ ALLOWED_BACK_EDGES: dict[tuple[str, str], str] = {
     ("eaft_megatron.ops.vocab_parallel", "eaft_megatron.ops.triton_eaft"):
         "the Triton kernels build on vocab_parallel's helpers; vocab_parallel picks the "
         "kernel implementation when called (Triton is optional)",
+    ("eaft_megatron.convert.convert", "eaft_megatron.convert.parallel"):
+        "the worker pool runs convert's own export in each worker; megatron_to_hf hands the "
+        "work to the pool when called with nproc > 1",
 }
 
 

@@ -15,6 +15,7 @@ _CPU = (
     "cpu_compat_installed",
     "cpu_transformer_config_kwargs",
     "install_cpu_compat",
+    "run_device",
     "setup_cpu_training",
     "skip_helper_build",
     "uninstall_cpu_compat",

@@ -202,6 +202,13 @@ def _cpu_arch_version() -> int:
     return CPU_DEVICE_ARCH_VERSION
 
 
+def run_device() -> torch.device:
+    """Where this process computes and runs megatron's collectives: its current CUDA device,
+    else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
 def _current_device() -> torch.device:
     return torch.device("cpu")
 

@@ -78,11 +78,11 @@ def check_free_space(model: Any, args: Any, iteration: int, *,
     and the refusal line when it does not fit in the free space of ``--save`` (else None)."""
     import torch
 
-    from .guard import _device
+    from ..compat.cpu import run_device
 
     share = float(estimate_checkpoint_bytes(model, args))
     free = float(_free(args.save)) if torch.distributed.get_rank() == 0 else 0.0
-    total = torch.tensor([share, free], dtype=torch.float64, device=_device())
+    total = torch.tensor([share, free], dtype=torch.float64, device=run_device())
     torch.distributed.all_reduce(total)
     needed = int(total[0].item() / max(1, getattr(args, "data_parallel_size", 1)))
     if needed <= total[1].item():

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..compat.cpu import run_device
 from ..compat.patching import patch, unpatch
 from ..checkpoint import iteration_dir_name, latest_complete
 
@@ -97,11 +98,6 @@ def _agree(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-
-
 def _nonfinite_parameters(model: Any) -> list[str]:
     chunks = model if isinstance(model, (list, tuple)) else [model]
     bad = []
@@ -130,7 +126,7 @@ def install_guard() -> None:
             flags = _agree([float(not loss_ok), float(not grad_ok),
                             loss_value if last else 0.0,
                             float(grad_norm) if (rank == 0 and grad_norm is not None) else 0.0],
-                           _device())
+                           run_device())
             if flags[0] or flags[1]:
                 what = (f"non-finite loss ({flags[2]})" if flags[0] else
                         f"non-finite gradient norm ({flags[3]})")
@@ -149,7 +145,7 @@ def install_guard() -> None:
             if bad:
                 print(f"eaft_megatron.train: rank {rank}: non-finite parameters: "
                       f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}", flush=True)
-            [bad_ranks] = _agree([float(bool(bad))], _device())
+            [bad_ranks] = _agree([float(bool(bad))], run_device())
             if bad_ranks:
                 raise NonFiniteError(
                     f"not saving the checkpoint of iteration {iteration}: non-finite parameters "

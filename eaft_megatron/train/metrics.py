@@ -59,6 +59,7 @@ from typing import Any
 
 import torch
 
+from ..compat.cpu import run_device
 from ..compat.patching import patch, unpatch
 
 __all__ = ["ExpertLoad", "MetricsLog", "expert_load", "install_metrics_hooks", "metric_name",
@@ -117,9 +118,7 @@ class ExpertLoad:
         for layer, counts in self.counts.items():
             table[layer - 1] = counts.cpu()
         self.counts = {}
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
-        table = table.to(device)
+        table = table.to(run_device())
         # every rank of the job (tensor x context x data x pipeline): one collective
         torch.distributed.all_reduce(table)
         table = table[table.sum(dim=1) > 0]

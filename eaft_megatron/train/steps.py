@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..compat.cpu import run_device
 from ..megatron import EAFTLossConfig, install_eaft_loss, reduce_eaft_loss
 from .guard import check_loss
 from .metrics import expert_load
@@ -62,15 +63,10 @@ def loss_config(args: Any, hf_config: Any) -> EAFTLossConfig:
     return EAFTLossConfig.from_args(args, vocab_size=hf_config.vocab_size)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-
-
 def get_batch(data_iterator: Any, args: Any) -> dict[str, Any]:
     """The next micro-batch on this rank's device, laid out for the attention backend."""
     batch = next(data_iterator)
-    device = _device()
+    device = run_device()
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in BATCH_KEYS}
     batch["packed_seq_params"] = None
     if _uses_te(args):
