@@ -23,6 +23,9 @@ def test_building_a_model_prints_no_deprecation_notice(capfd, caplog):
         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
         vocab_size=100, max_position_embeddings=32)
     caplog.set_level(logging.DEBUG)
+    # megatron's own logger explicitly too: an in-process demo earlier in the session sets
+    # "megatron.core" to ERROR for its own output, which this logger would inherit.
+    caplog.set_level(logging.DEBUG, logger="megatron.core.models.gpt.gpt_model")
     installed = cpu_compat_installed()
     try:
         _build_and_check(hf, capfd, caplog)
