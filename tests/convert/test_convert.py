@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from eaft_megatron.convert import ConversionError, hf_to_megatron, megatron_to_hf
 from eaft_megatron.paths import UnsafePathError
 from tests.support.launch import spawn
-from tests.support.tiny_models import CASES, build, tokens
+from tests.support.tiny_models import CASES, build, read_saved, tokens
 
 ATOL = 1e-4
 
@@ -31,15 +31,6 @@ def _save_hf(case: str, directory: Path):
     (directory / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
     return config, model
 
-
-def _read_hf(directory: Path) -> dict[str, torch.Tensor]:
-    index = directory / "model.safetensors.index.json"
-    if not index.exists():
-        return load_file(directory / "model.safetensors")
-    out = {}
-    for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        out.update(load_file(directory / f))
-    return out
 
 
 def _assert_bit_exact(a: dict, b: dict):
@@ -65,7 +56,7 @@ def test_round_trip_bit_exact_and_config(hf_models, tmp_path, case):
     assert (ckpt / "hf" / "config.json").is_file()
     assert (ckpt / "hf" / "tokenizer_config.json").is_file()
     out = megatron_to_hf(ckpt, tmp_path / "hf", progress=False)
-    _assert_bit_exact(_read_hf(src), _read_hf(out))
+    _assert_bit_exact(read_saved(src), read_saved(out))
     assert (json.loads((out / "config.json").read_text())
             == json.loads((src / "config.json").read_text()))
     assert ((out / "tokenizer_config.json").read_text()
@@ -80,8 +71,8 @@ def test_bf16_export_loads_in_transformers(hf_models, tmp_path):
     ckpt = hf_to_megatron(src, tmp_path / "mc", dtype="bf16", progress=False)
     out = megatron_to_hf(ckpt, tmp_path / "hf", progress=False, max_shard_bytes=20_000)
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1  # sharded + index
-    exported = _read_hf(out)
-    for k, v in _read_hf(src).items():
+    exported = read_saved(out)
+    for k, v in read_saved(src).items():
         assert exported[k].dtype == torch.bfloat16 and torch.equal(exported[k], v.bfloat16()), k
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = tokens(config.vocab_size)
@@ -173,7 +164,7 @@ def test_tp2_then_pp2_resharding_and_logits(hf_models, tmp_path):
     assert (tmp_path / "pp2" / "latest_checkpointed_iteration.txt").read_text() == "7"
     for ckpt_dir in ("tp2", "pp2"):  # trainer-style checkpoints of another iteration
         out = megatron_to_hf(tmp_path / ckpt_dir, tmp_path / f"hf_{ckpt_dir}", progress=False)
-        _assert_bit_exact(_read_hf(src), _read_hf(out))
+        _assert_bit_exact(read_saved(src), read_saved(out))
 
 
 def test_tp2_pp2_on_four_ranks(hf_models, tmp_path):
@@ -184,7 +175,7 @@ def test_tp2_pp2_on_four_ranks(hf_models, tmp_path):
     assert [e is None for e in errs] == [True, True, False, False], errs
     assert max(errs[2:]) < ATOL, errs
     out = megatron_to_hf(tmp_path / "tp2pp2", tmp_path / "hf", progress=False)
-    _assert_bit_exact(_read_hf(src), _read_hf(out))
+    _assert_bit_exact(read_saved(src), read_saved(out))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,5 +242,5 @@ def test_megatron_side_errors(hf_models, tmp_path):
     with pytest.raises(ConversionError, match="--hf-config"):
         megatron_to_hf(ckpt, tmp_path / "o", progress=False)
     out = megatron_to_hf(ckpt, tmp_path / "o", hf_config=src, progress=False)
-    _assert_bit_exact(_read_hf(src), _read_hf(out))
+    _assert_bit_exact(read_saved(src), read_saved(out))
     assert not (tmp_path / "o2").exists()

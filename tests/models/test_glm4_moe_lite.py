@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from eaft_megatron.convert import hf_to_megatron, megatron_to_hf
 from tests.support.launch import spawn
+from tests.support.tiny_models import read_saved
 from tests.support.forward import pipeline_logits
 
 LAYOUTS = ((1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 2, 1))  # (tp, ep, pp)
@@ -64,15 +65,6 @@ def _randomize(model, seed: int) -> None:
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.1 * torch.randn(b.shape, generator=gen))
 
-
-def _read(directory: Path) -> dict[str, torch.Tensor]:
-    index = directory / "model.safetensors.index.json"
-    if not index.exists():
-        return load_file(directory / "model.safetensors")
-    out = {}
-    for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        out.update(load_file(directory / f))
-    return out
 
 
 def _tokens(vocab: int) -> torch.Tensor:
@@ -133,7 +125,7 @@ def lite_run(tmp_path_factory):
     model.eval()
     model.save_pretrained(root / "hf")
     (root / "hf" / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
-    source = _read(root / "hf")
+    source = read_saved(root / "hf")
     gen = torch.Generator().manual_seed(1)  # the MTP layer real checkpoints store after the last
     for leaf, shape in MTP.items():
         source[f"model.layers.{config.num_hidden_layers}.{leaf}"] = torch.randn(shape,
@@ -150,7 +142,7 @@ def lite_run(tmp_path_factory):
         # the resaved checkpoint finds its HF side (config, carried MTP tensors) by --hf-config
         out = megatron_to_hf(resaved, root / ("back_tp%d_ep%d_pp%d" % layout),
                              hf_config=ckpt / "hf", progress=False)
-        back[layout] = _read(out)
+        back[layout] = read_saved(out)
     return dict(source=source, back=back, results=[r for rs in per_rank for r in rs])
 
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 
 from eaft_megatron.convert import hf_to_megatron, megatron_to_hf
 from tests.support.launch import spawn
+from tests.support.tiny_models import read_saved
 from tests.support.forward import pipeline_logits
 
 SEQ = 80
@@ -78,15 +78,6 @@ def _randomize(model, seed: int) -> None:
             else:  # linear [out, in], fused experts [E, out, in], conv1d, patch embedding
                 p.copy_(noise / p[0].numel() ** 0.5 if p.dim() > 1 else noise)
 
-
-def _read(directory: Path) -> dict[str, torch.Tensor]:
-    index = directory / "model.safetensors.index.json"
-    if not index.exists():
-        return load_file(directory / "model.safetensors")
-    out = {}
-    for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        out.update(load_file(directory / f))
-    return out
 
 
 def _tokens() -> torch.Tensor:  # below the VL model's special ids
@@ -150,7 +141,7 @@ def runs(tmp_path_factory):
         model.eval()
         model.save_pretrained(root / "hf")
         (root / "hf" / "tokenizer_config.json").write_text('{"model_max_length": 256}\n')
-        sources[case] = _read(root / "hf")
+        sources[case] = read_saved(root / "hf")
         ckpt = hf_to_megatron(root / "hf", root / "mc", tp=2, progress=False)
         with torch.no_grad():
             out = model(input_ids=_tokens(), output_router_logits=True)
@@ -166,7 +157,7 @@ def runs(tmp_path_factory):
     for case, ckpt, resaved, _, _ in jobs:
         back = megatron_to_hf(Path(resaved), Path(resaved).parent / "back",
                               hf_config=Path(ckpt) / "hf", progress=False)
-        runs[case] = dict(source=sources[case], back=_read(back),
+        runs[case] = dict(source=sources[case], back=read_saved(back),
                           results=[r for rs in per_rank for r in rs if r["case"] == case])
     return runs
 
