@@ -29,7 +29,8 @@ from .errors import CheckpointError
 from .layout import iteration_dir_name, write_tracker
 from .metadata import validate_checkpoint_metadata
 
-__all__ = ["load_model_weights", "megatron_process_group", "save_model_checkpoint"]
+__all__ = ["expand_factories", "load_model_weights", "megatron_process_group",
+           "save_model_checkpoint", "tensors_only"]
 
 _VOCAB_TENSORS = ("embedding.", "output_layer.")
 
@@ -68,7 +69,7 @@ def megatron_process_group(tp: int = 1, pp: int = 1):
             dist.destroy_process_group()
 
 
-def _expand_factories(sharded, *, consume: bool, _freed: list | None = None) -> None:
+def expand_factories(sharded, *, consume: bool, _freed: list | None = None) -> None:
     """Replace Megatron's ShardedTensorFactory entries (the SwiGLU ``linear_fc1``: ``chunk`` on
     save, ``cat`` on load) by the ShardedTensors they build, in place in ``sharded``.
 
@@ -87,7 +88,7 @@ def _expand_factories(sharded, *, consume: bool, _freed: list | None = None) -> 
     items = sharded.items() if isinstance(sharded, dict) else enumerate(sharded)
     for key, value in list(items):
         if isinstance(value, (dict, list)):
-            _expand_factories(value, consume=consume, _freed=freed)
+            expand_factories(value, consume=consume, _freed=freed)
         elif isinstance(value, ShardedTensorFactory):
             built = value.build()
             if consume:
@@ -128,11 +129,15 @@ _libc = None
 
 def save_model_checkpoint(
     models: list[torch.nn.Module], root: Path, *, iteration: int = 0, args: dict | None = None,
-    consume: bool = False,
+    consume: bool = False, names: set[str] | None = None,
 ) -> Path:
     """Write ``models`` (one per virtual pipeline chunk) as a Megatron-LM torch_dist checkpoint
     under ``root``; every rank of the model-parallel group calls this. ``consume=True`` lets
-    the save release parameter memory as it goes (the models are unusable afterwards)."""
+    the save release parameter memory as it goes (the models are unusable afterwards).
+    ``names``: this rank writes only these state-dict entries of a single model, each as its
+    main replica (``convert hf-to-megatron --nproc``: the ranks of one world each hold the
+    whole model's layout but fill and write their own share; every entry must be named on
+    exactly one rank, which megatron-core's sharding validation checks)."""
     from megatron.core import dist_checkpointing
 
     from ..compat.processes import in_process_checkpoint_writes
@@ -151,8 +156,13 @@ def save_model_checkpoint(
     else:
         for i, m in enumerate(models):
             state[f"model{i}"] = m.sharded_state_dict()
+    if names is not None:
+        assert len(models) == 1, "names= selects entries of one model"
+        state["model"] = {k: v for k, v in state["model"].items() if k in names}
     if consume:
-        _expand_factories(state, consume=True)
+        expand_factories(state, consume=True)
+    if names is not None:
+        _make_main_replicas(state["model"])
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
@@ -167,14 +177,24 @@ def save_model_checkpoint(
     return path
 
 
-def _tensors_only(sharded):
+def _make_main_replicas(sharded) -> None:
+    """Mark every entry of ``sharded`` as the main replica (the one that is written)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    for t in nested_values(sharded):
+        if isinstance(t, (ShardedTensor, ShardedObject)):
+            t.replica_id = 0
+
+
+def tensors_only(sharded):
     """The sharded state dict without its ShardedObjects (byte entries unpickled on load)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     if isinstance(sharded, dict):
-        return {k: _tensors_only(v) for k, v in sharded.items() if not isinstance(v, ShardedObject)}
+        return {k: tensors_only(v) for k, v in sharded.items() if not isinstance(v, ShardedObject)}
     if isinstance(sharded, list):
-        return [_tensors_only(v) for v in sharded if not isinstance(v, ShardedObject)]
+        return [tensors_only(v) for v in sharded if not isinstance(v, ShardedObject)]
     return sharded
 
 
@@ -223,8 +243,8 @@ def load_model_weights(models: list[torch.nn.Module], iteration_dir: Path, *,
     if names is not None:
         assert len(models) == 1, "names= selects entries of one model"
         sharded["model"] = {k: v for k, v in sharded["model"].items() if k in names}
-    _expand_factories(sharded, consume=False)  # load fc1 halves in place
-    sharded = _tensors_only(sharded)
+    expand_factories(sharded, consume=False)  # load fc1 halves in place
+    sharded = tensors_only(sharded)
     _check_requested_tensors(sharded, meta, iteration_dir)
     # torch_dist reads every tensor into a temporary before copying it into place: loading the
     # vocabulary-sized tensors first, while little else is resident, keeps that temporary out

@@ -61,9 +61,9 @@ _VOCAB_PARAMS = ("embedding.", "output_layer.")
 EXTRA_TENSORS_FILE = "extra_tensors.safetensors"
 # Tensors HF keeps in fp32 whatever the model dtype (megatron keeps the router's expert bias in
 # fp32 too): exported in fp32.
-_KEEP_FP32_HF = (".e_score_correction_bias",)
+KEEP_FP32_HF = (".e_score_correction_bias",)
 # Non-parameter buffers some older HF checkpoints carry; safe to skip.
-_IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
+IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 @contextlib.contextmanager
@@ -77,7 +77,8 @@ def _as_conversion_error():
         raise ConversionError(str(e)) from e
 
 
-def _mapped(stream):
+def mapped(stream):
+    """A mapping's ``(name, tensor)`` stream with its ValueErrors raised as ConversionErrors."""
     with _as_conversion_error():
         yield from stream
 
@@ -110,14 +111,16 @@ def load_hf_config(directory: str | os.PathLike):
         return language_model_config(config)
 
 
-def _config_dtype(hf_config) -> torch.dtype | None:
+def config_dtype(hf_config) -> torch.dtype | None:
+    """The HF config's ``dtype`` when it is one conversion stores (bf16/fp16/fp32), else None."""
     dt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(dt, str):
         dt = getattr(torch, dt, None)
     return dt if dt in DTYPES.values() else None
 
 
-def _resolve_dtype(name: str | None, fallback: torch.dtype | None) -> torch.dtype:
+def resolve_dtype(name: str | None, fallback: torch.dtype | None) -> torch.dtype:
+    """``--dtype name`` (bf16/fp16/fp32) as a torch dtype; None: ``fallback``, else fp32."""
     if name is None:
         return fallback or torch.float32
     if name not in DTYPES:
@@ -125,7 +128,7 @@ def _resolve_dtype(name: str | None, fallback: torch.dtype | None) -> torch.dtyp
     return DTYPES[name]
 
 
-def _build_model(hf_config, *, padded_vocab: int, dtype: torch.dtype):
+def build_model(hf_config, *, padded_vocab: int, dtype: torch.dtype):
     """The whole model (TP=1, PP=1) with uninitialised parameters: filled right after."""
     from ..compat import cpu_transformer_config_kwargs
     from ..models import build_gpt_model, transformer_config_from_hf
@@ -141,12 +144,13 @@ def _build_model(hf_config, *, padded_vocab: int, dtype: torch.dtype):
                            padded_vocab=padded_vocab)
 
 
-def _parameters(model) -> dict[str, torch.Tensor]:
+def model_parameters(model) -> dict[str, torch.Tensor]:
+    """The model's state dict (parameters and buffers, as variables) without ``_extra_state``."""
     return {k: v for k, v in model.state_dict(keep_vars=True).items()
             if not k.endswith("_extra_state")}
 
 
-def _pass_through(arch, hf_config, reader: SafetensorsReader) -> dict[str, str]:
+def pass_through(arch, hf_config, reader: SafetensorsReader) -> dict[str, str]:
     """HF name -> Megatron name of the tensors the mapping hands over unchanged (renames and
     the unpadded vocabulary tensors), found by running it on meta tensors (which also raises
     its shape errors before any work). Those are read straight into their parameter."""
@@ -159,7 +163,7 @@ def _pass_through(arch, hf_config, reader: SafetensorsReader) -> dict[str, str]:
         return requested[-1][1]
 
     found = {}
-    for megatron_name, t in _mapped(models.hf_to_megatron(
+    for megatron_name, t in mapped(models.hf_to_megatron(
             arch, hf_config, get, padded_vocab=hf_config.vocab_size, te=False)):
         if len(requested) == 1 and t is requested[0][1]:
             found[requested[0][0]] = megatron_name
@@ -191,14 +195,19 @@ def hf_to_megatron(
     force: bool = False,
     progress: bool = True,
     drop_mtp: bool = False,
+    nproc: int = 1,
 ) -> Path:
     """Convert a HF model directory into a Megatron-Core torch_dist checkpoint at ``out``.
 
     HF tensors of layers the Megatron model does not hold (GLM-4.5's multi-token-prediction
     layers) are copied unchanged into ``<out>/hf/extra_tensors.safetensors`` and written back by
-    :func:`megatron_to_hf`; ``drop_mtp=True`` leaves them out."""
+    :func:`megatron_to_hf`; ``drop_mtp=True`` leaves them out. ``nproc > 1``: that many local
+    processes fill and save a share of the parameters each (:mod:`.parallel`), holding about
+    1/nproc of the model each; the parameters are the same as with one."""
     from .. import models
+    from .parallel import check_nproc
 
+    check_nproc(nproc)
     hf_dir = _input_dir(hf_dir, "HF model directory")
     inputs = {"--hf": hf_dir}
     check_output(out, inputs=inputs, force=force)
@@ -208,12 +217,13 @@ def hf_to_megatron(
         models.check_parallel_sizes(hf_config, tp, pp)
         models.linear_attention_config_from_hf(hf_config, arch)  # layer_types megatron lacks
         padded_vocab = models.padded_vocab_size(hf_config.vocab_size, tp)
-    torch_dtype = _resolve_dtype(dtype, _config_dtype(hf_config))
+        check_nproc(nproc, len(models.megatron_names(arch, hf_config, te=False)))
+    torch_dtype = resolve_dtype(dtype, config_dtype(hf_config))
 
     reader = SafetensorsReader(hf_dir)
     expected = set(models.hf_names(arch, hf_config))
-    present = {n for n in reader.names() if not n.endswith(_IGNORED_HF_SUFFIXES)}
-    carried = _extra_hf_tensors(arch, hf_config, present)
+    present = {n for n in reader.names() if not n.endswith(IGNORED_HF_SUFFIXES)}
+    carried = extra_hf_tensors(arch, hf_config, present)
     present -= set(carried)
     if missing := sorted(expected - present):
         raise ConversionError(f"{hf_dir} lacks {len(missing)} tensor(s) the "
@@ -222,57 +232,33 @@ def hf_to_megatron(
         raise ConversionError(f"{len(extra)} tensor(s) in {hf_dir} are not consumed by the "
                               f"{arch.hf_architecture} mapping (wrong architecture?): {extra[:8]}")
 
-    direct = _pass_through(arch, hf_config, reader)
+    direct = pass_through(arch, hf_config, reader)
 
-    with atomic_output(out, inputs=inputs, force=force) as tmp, megatron_process_group():
-        model = _build_model(hf_config, padded_vocab=padded_vocab, dtype=torch_dtype)
-        params = {k: v.detach() for k, v in _parameters(model).items()}
-        filled: set[str] = set()
+    with atomic_output(out, inputs=inputs, force=force) as tmp:
+        bar = Progress(total=len(models.megatron_names(arch, hf_config, te=False)),
+                       desc="hf -> megatron", unit="tensors", enabled=progress)
+        if nproc > 1:
+            from .parallel import run_workers
 
-        def get(hf_name: str) -> torch.Tensor:  # pass-through tensors: read into the parameter
-            target, source = params.get(direct.get(hf_name, "")), reader.meta(hf_name)
-            if (target is not None and target.device.type == "cpu"
-                    and source.dtype == target.dtype and source.dim() > 0
-                    and source.shape[1:] == target.shape[1:]
-                    and source.shape[0] <= target.shape[0]):
-                return reader.read_into(hf_name, target[:source.shape[0]])
-            return reader.get(hf_name)
-
-        # Unpadded vocabulary from the mapping: _fill pads in place.
-        stream = _mapped(models.hf_to_megatron(arch, hf_config, get,
-                                               padded_vocab=hf_config.vocab_size, te=False))
-        with torch.no_grad(), Progress(total=len(params), desc="hf -> megatron", unit="tensors",
-                                       enabled=progress) as bar:
-            for name, tensor in stream:
-                if name not in params:
-                    raise ConversionError(f"mapping produced {name!r}, which the Megatron model "
-                                          f"does not have")
-                if name in filled:
-                    raise ConversionError(f"mapping produced {name!r} twice")
-                _fill(name, params[name], tensor)
-                filled.add(name)
-                del tensor
-                bar.update(1)
-        if unfilled := sorted(set(params) - filled):
-            raise ConversionError(f"{len(unfilled)} Megatron parameter(s) were not filled: "
-                                  f"{unfilled[:8]}")
-        # What Megatron-LM's load_checkpoint reads from a checkpoint's args: the fields
-        # check_checkpoint_args compares, and that it holds no optimizer / RNG state.
-        cfg = model.config
-        save_model_checkpoint([model], tmp, iteration=0, consume=True, args=dict(
-            num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-            num_attention_heads=cfg.num_attention_heads,
-            num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels,
-            ffn_hidden_size=cfg.ffn_hidden_size, add_position_embedding=False,
-            position_embedding_type="rope",
-            max_position_embeddings=hf_config.max_position_embeddings,
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            padded_vocab_size=padded_vocab, no_save_optim=True, no_save_rng=True,
-        ))
+            with bar:
+                run_workers(tmp, nproc, dict(
+                    direction="hf-to-megatron", hf_dir=str(hf_dir), tp=tp, pp=pp,
+                    padded_vocab=padded_vocab, dtype=str(torch_dtype).removeprefix("torch.")),
+                    progress=bar)
+        else:
+            with megatron_process_group():
+                model = build_model(hf_config, padded_vocab=padded_vocab, dtype=torch_dtype)
+                params = {k: v.detach() for k, v in model_parameters(model).items()}
+                with bar:
+                    fill_parameters(params, arch, hf_config, reader, direct, bar=bar)
+                save_model_checkpoint([model], tmp, iteration=0, consume=True,
+                                      args=checkpoint_args(model.config, hf_config, tp=tp, pp=pp,
+                                                           padded_vocab=padded_vocab))
+                del model, params
         copy_side_files(hf_dir, tmp / HF_DIR,
                         [n for n in _side_names(hf_dir) if n != EXTRA_TENSORS_FILE])
         if carried and not drop_mtp:
-            _write_extra_tensors(tmp / HF_DIR / EXTRA_TENSORS_FILE, reader, carried)
+            write_extra_tensors(tmp / HF_DIR / EXTRA_TENSORS_FILE, reader, carried)
         meta = dict(format=1, architecture=arch.hf_architecture, source=str(hf_dir.resolve()),
                     vocab_size=hf_config.vocab_size, padded_vocab_size=padded_vocab,
                     dtype=str(torch_dtype).removeprefix("torch."), tp=tp, pp=pp,
@@ -282,7 +268,62 @@ def hf_to_megatron(
     return Path(out)
 
 
-def _extra_hf_tensors(arch, hf_config, present: set[str]) -> list[str]:
+def fill_parameters(params: dict[str, torch.Tensor], arch, hf_config,
+                    reader: SafetensorsReader, direct: dict[str, str], *,
+                    only: set[str] | None = None, bar: Progress | None = None) -> None:
+    """Fill the TP=1/PP=1 model's parameters ``params`` (name -> tensor) from the HF tensors
+    through the architecture's table, one tensor at a time; ``direct``: :func:`pass_through`'s
+    tensors, read straight into their parameter. ``only``: just these parameters (a
+    ``--nproc`` worker's share; the HF tensors of the others are not read)."""
+    from .. import models
+
+    filled: set[str] = set()
+
+    def get(hf_name: str) -> torch.Tensor:  # pass-through tensors: read into the parameter
+        target, source = params.get(direct.get(hf_name, "")), reader.meta(hf_name)
+        if (target is not None and target.device.type == "cpu"
+                and source.dtype == target.dtype and source.dim() > 0
+                and source.shape[1:] == target.shape[1:]
+                and source.shape[0] <= target.shape[0]):
+            return reader.read_into(hf_name, target[:source.shape[0]])
+        return reader.get(hf_name)
+
+    # Unpadded vocabulary from the mapping: _fill pads in place.
+    stream = mapped(models.hf_to_megatron(arch, hf_config, get, only=only,
+                                          padded_vocab=hf_config.vocab_size, te=False))
+    with torch.no_grad():
+        for name, tensor in stream:
+            if name not in params:
+                raise ConversionError(f"mapping produced {name!r}, which the Megatron model "
+                                      f"does not have")
+            if name in filled:
+                raise ConversionError(f"mapping produced {name!r} twice")
+            _fill(name, params[name], tensor)
+            filled.add(name)
+            del tensor
+            if bar is not None:
+                bar.update(1)
+    if unfilled := sorted(set(params if only is None else only) - filled):
+        raise ConversionError(f"{len(unfilled)} Megatron parameter(s) were not filled: "
+                              f"{unfilled[:8]}")
+
+
+def checkpoint_args(cfg, hf_config, *, tp: int, pp: int, padded_vocab: int) -> dict:
+    """What Megatron-LM's load_checkpoint reads from a converted checkpoint's args: the fields
+    check_checkpoint_args compares, and that it holds no optimizer / RNG state."""
+    return dict(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels,
+        ffn_hidden_size=cfg.ffn_hidden_size, add_position_embedding=False,
+        position_embedding_type="rope",
+        max_position_embeddings=hf_config.max_position_embeddings,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        padded_vocab_size=padded_vocab, no_save_optim=True, no_save_rng=True,
+    )
+
+
+def extra_hf_tensors(arch, hf_config, present: set[str]) -> list[str]:
     """Names of the HF tensors in layers ``num_hidden_layers ..`` + ``arch.extra_hf_layers``
     and under ``arch.extra_hf_prefixes`` (Qwen3.5's ``mtp.`` head and vision tower)."""
     count = int(getattr(hf_config, arch.extra_hf_layers, 0) or 0) if arch.extra_hf_layers else 0
@@ -305,7 +346,7 @@ def _carried_description(names: list[str]) -> str:
     return ", ".join(dict.fromkeys(k for _, k in (*_CARRIED_KINDS, ("", "other")) if k in found))
 
 
-def _write_extra_tensors(path: Path, reader: SafetensorsReader, names: list[str]) -> None:
+def write_extra_tensors(path: Path, reader: SafetensorsReader, names: list[str]) -> None:
     """One safetensors file of the named HF tensors, unchanged (GLM-4.5's MTP layers, Qwen3.5's
     MTP head and vision tower); its metadata says which of these it holds."""
     from safetensors.torch import save_file
@@ -354,8 +395,9 @@ def megatron_to_hf(
     about 1/nproc of the model; the files are the same as with one."""
     from .. import models
 
-    if not isinstance(nproc, int) or nproc < 1:
-        raise ConversionError(f"--nproc must be a positive number of processes, got {nproc}")
+    from .parallel import check_nproc
+
+    check_nproc(nproc)
 
     megatron_dir = _input_dir(megatron_dir, "Megatron checkpoint directory")
     iter_dir = find_iteration_dir(megatron_dir, iteration)
@@ -370,6 +412,7 @@ def megatron_to_hf(
     config = load_hf_config(hf_side)
     with _as_conversion_error():
         arch = models.get_arch(config)
+        check_nproc(nproc, len(models.megatron_names(arch, config, te=False)))
     shapes = checkpoint_tensor_shapes(iter_dir)
     if EMBEDDING_KEY not in shapes:
         raise ConversionError(f"{iter_dir} has no {EMBEDDING_KEY}: not a GPT model checkpoint")
@@ -377,7 +420,7 @@ def megatron_to_hf(
     if padded_vocab < config.vocab_size or hidden != config.hidden_size:
         raise ConversionError(f"checkpoint embedding {padded_vocab}x{hidden} does not fit the HF "
                               f"config ({config.vocab_size} tokens x {config.hidden_size})")
-    out_dtype = _resolve_dtype(dtype, ckpt_dtype)  # default: what the checkpoint holds
+    out_dtype = resolve_dtype(dtype, ckpt_dtype)  # default: what the checkpoint holds
 
     with atomic_output(out, inputs=inputs, force=force) as tmp:
         if nproc > 1:
@@ -411,9 +454,9 @@ def _export(tmp: Path, config, arch, iter_dir: Path, hf_side: Path, *, padded_vo
     from .. import models
 
     with megatron_process_group():
-        model = _build_model(config, padded_vocab=padded_vocab, dtype=ckpt_dtype)
+        model = build_model(config, padded_vocab=padded_vocab, dtype=ckpt_dtype)
         load_model_weights([model], iter_dir)
-        tensors = {k: v.detach() for k, v in _parameters(model).items()}
+        tensors = {k: v.detach() for k, v in model_parameters(model).items()}
         del model
     if not allow_non_finite and (bad := non_finite_tensors(tensors)):
         more = " ..." if len(bad) > 5 else ""
@@ -434,11 +477,11 @@ def _export(tmp: Path, config, arch, iter_dir: Path, hf_side: Path, *, padded_vo
                                   f"exist") from None
 
     writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
-    stream = _mapped(models.megatron_to_hf(arch, config, take, te=False))
+    stream = mapped(models.megatron_to_hf(arch, config, take, te=False))
     with Progress(total=len(models.hf_names(arch, config)), desc="megatron -> hf",
                   unit="tensors", enabled=progress) as bar:
         for name, tensor in stream:
-            keep = name.endswith(_KEEP_FP32_HF) and tensor.dtype == torch.float32
+            keep = name.endswith(KEEP_FP32_HF) and tensor.dtype == torch.float32
             writer.add(name, tensor if keep else tensor.to(out_dtype))
             bar.update(1)
         if (hf_side / EXTRA_TENSORS_FILE).is_file():  # carried through: as stored

@@ -27,12 +27,12 @@ ConversionError = CheckpointError
 
 # safetensors dtype names <-> torch dtypes (the format: an 8-byte little-endian header length,
 # a JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}}, then raw bytes).
-_ST_DTYPES = {
+ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
@@ -65,7 +65,7 @@ def _check_entry(path: Path, name: str, entry, data_size: int):
         if key not in entry:
             raise bad(f"has no {key!r}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in _ST_DTYPES:
+    if dtype not in ST_DTYPES:
         raise bad(f"has unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad(f"has an invalid shape {shape!r}")
@@ -76,12 +76,12 @@ def _check_entry(path: Path, name: str, entry, data_size: int):
     numel = 1
     for d in shape:
         numel *= d
-    if numel * _ST_DTYPES[dtype].itemsize != end - begin:
+    if numel * ST_DTYPES[dtype].itemsize != end - begin:
         raise bad(f"has {end - begin} bytes for shape {shape} {dtype}")
     if end > data_size:
         raise ConversionError(f"{path} is truncated: tensor {name!r} ends at byte "
                               f"{end} of the {data_size}-byte data section")
-    return _ST_DTYPES[dtype], shape, begin, end
+    return ST_DTYPES[dtype], shape, begin, end
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:

@@ -1,8 +1,21 @@
-"""``convert megatron-to-hf --nproc N``: N local processes export one HF checkpoint.
+"""``convert hf-to-megatron / megatron-to-hf --nproc N``: N local processes, one output.
 
-The export writes the same shards as one process (``max_shard_bytes`` cuts the output stream
-at the same tensors, :class:`~.io.ShardedSafetensorsWriter`'s rule), so the shards are shared
-out: every worker
+``hf-to-megatron``: every worker builds the TP=1/PP=1 model without initialising it (its
+parameters are never touched unless filled, so they cost address space, not memory), takes a
+contiguous run of parameters, about 1/N of the bytes (:func:`shares`, in state-dict order),
+fills only those from the safetensors through the architecture's table
+(``convert.fill_parameters(only=...)``: only the HF tensors they are made from are read), and
+the workers save ONE torch_dist checkpoint together: ``dist_checkpointing.save`` is a
+collective, each worker writing its own parameters as their main replica
+(``save_model_checkpoint(names=...)``; megatron-core checks that every tensor is written
+exactly once). The stored tensors and the common state are those of ``--nproc 1``; only their
+spread over the ``.distcp`` files differs. The parent then writes ``hf/`` and the conversion
+record as a one-process conversion does. Per worker: its share plus the largest full tensor
+the table builds for it (a fused QKV, the vocabulary).
+
+``megatron-to-hf``: the export writes the same shards as one process (``max_shard_bytes``
+cuts the output stream at the same tensors, :class:`~.io.ShardedSafetensorsWriter`'s rule),
+so the shards are shared out: every worker
 
 1. builds the TP=1/PP=1 model without initialising it (its parameters are never touched, so
    they cost address space, not memory) and runs the architecture's mapping once on meta
@@ -14,15 +27,17 @@ out: every worker
    QKV cut by a shard boundary, is read by both), runs the mapping again, real where it holds
    the parameters and on meta elsewhere, and writes its shard files under their final names.
 
-The workers form one gloo world (rendezvous through a store held by the parent) only for
-the torch_dist load, a collective in megatron-core. The parent writes the index from what the
-workers report, then the config and tokenizer files, inside the same
+The workers form one gloo world (rendezvous through a store held by the parent) for the
+torch_dist load or save, collectives in megatron-core; they count the tensors done in the
+store, which the parent shows as the one-process progress bar. The parent writes the index
+(export) from what the workers report, then the config and tokenizer files, inside the same
 :func:`~eaft_megatron.paths.atomic_output` temporary as a one-process export: the output
 appears only when every worker finished. A worker that fails or dies (kill -9) stops the
 others and the temporary is removed; the workers die with the parent
 (``compat.processes.die_with_parent``). The files are bit-identical to ``--nproc 1``. A
 checkpoint whose export is a single shard (below ``max_shard_bytes``) has nothing to share:
-one worker does it all.
+one worker does it all. ``--nproc`` above the number of the model's parameter tensors is
+refused (:func:`check_nproc`).
 """
 
 from __future__ import annotations
@@ -46,9 +61,21 @@ def _result(tmp: Path, rank: int, kind: str) -> Path:
     return tmp / f".nproc-rank{rank}.{kind}"
 
 
-def run_workers(tmp: Path, nproc: int, spec: dict) -> None:
-    """Export with ``nproc`` worker processes into ``tmp``; write the index. Raises
-    ConversionError (the first failing worker's one-line message) if any worker fails."""
+def check_nproc(nproc, tensors: int | None = None) -> None:
+    """``nproc`` is a positive number of processes, and (given the model's number of parameter
+    tensors) not more than there is work for; else ConversionError saying which."""
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+        raise ConversionError(f"--nproc must be a positive number of processes, got {nproc}")
+    if tensors is not None and nproc > tensors:
+        raise ConversionError(f"--nproc {nproc} is more processes than the model has parameter "
+                              f"tensors to share ({tensors})")
+
+
+def run_workers(tmp: Path, nproc: int, spec: dict, *, progress=None) -> None:
+    """Convert with ``nproc`` worker processes into ``tmp`` (``spec["direction"]``); for an
+    export, write the index. ``progress``: a :class:`~eaft_megatron.progress.Progress` advanced
+    by the tensors the workers report. Raises ConversionError (the first failing worker's
+    one-line message) if any worker fails."""
     import torch.distributed as dist
 
     # The workers' rendezvous, held by this process (no port to race for).
@@ -61,8 +88,12 @@ def run_workers(tmp: Path, nproc: int, spec: dict) -> None:
         for rank in range(nproc):
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "eaft_megatron.convert.parallel", str(tmp), str(rank)]))
+        shown = 0
         while True:
             codes = [p.poll() for p in procs]  # (every one: a failure ends the wait at once)
+            if progress is not None and (done := store.add(_PROGRESS, 0)) > shown:
+                progress.update(done - shown)
+                shown = done
             if None not in codes or any(c not in (None, 0) for c in codes):
                 break
             time.sleep(0.05)
@@ -79,24 +110,30 @@ def run_workers(tmp: Path, nproc: int, spec: dict) -> None:
             if p.poll() is None:
                 p.kill()
             p.wait()
+    (tmp / _SPEC).unlink()
+    if spec["direction"] != "megatron-to-hf":
+        return
     weight_map, total = {}, 0
     for rank in range(nproc):
         done = json.loads(_result(tmp, rank, "json").read_text())
         weight_map.update(done["weight_map"])
         total += done["bytes"]
         _result(tmp, rank, "json").unlink()
-    (tmp / _SPEC).unlink()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def shares(sizes: list[int], nproc: int) -> list[int]:
-    """The worker of each shard: contiguous runs, each about 1/nproc of the bytes (a shard goes
-    to the worker whose share holds its middle byte)."""
-    total, start, owners = max(sum(sizes), 1), 0, []
-    for size in sizes:
-        owners.append(min(nproc - 1, (2 * start + size) * nproc // (2 * total)))
-        start += size
+    """The worker of each item (an output shard, a parameter): contiguous runs, each about
+    1/nproc of the bytes (an item goes to the worker whose share holds its middle byte), and
+    every worker has at least one item when there are nproc or more."""
+    total, start, owners, previous = max(sum(sizes), 1), 0, [], -1
+    for i, size in enumerate(sizes):
+        owner = min(nproc - 1, (2 * start + size) * nproc // (2 * total))
+        # enough items left for the workers after this one; no worker skipped
+        owner = min(max(owner, previous, nproc - (len(sizes) - i)), previous + 1)
+        owners.append(owner)
+        previous, start = owner, start + size
     return owners
 
 
@@ -104,8 +141,8 @@ def _plan(arch, config, params: dict, out_dtype, extra: Path | None, max_shard_b
     """The export on meta tensors: [(hf name, nbytes, Megatron names it is made from)] in
     output order, and the shard index of each."""
     from .. import models
-    from .convert import _KEEP_FP32_HF, _mapped
-    from .io import _ST_DTYPES
+    from .convert import KEEP_FP32_HF, mapped
+    from .io import ST_DTYPES
 
     taken: list[str] = []
     groups: list[int] = []  # the group (run of takes and the outputs after it) of each take
@@ -118,10 +155,10 @@ def _plan(arch, config, params: dict, out_dtype, extra: Path | None, max_shard_b
         return torch.empty_like(params[name], device="meta")
 
     outputs, deps, group = [], frozenset(), -1
-    for name, t in _mapped(models.megatron_to_hf(arch, config, take, te=False)):
+    for name, t in mapped(models.megatron_to_hf(arch, config, take, te=False)):
         if taken:  # the outputs after a run of takes are made from those parameters
             deps, taken, group = frozenset(taken), [], group + 1
-        keep = name.endswith(_KEEP_FP32_HF) and t.dtype == torch.float32
+        keep = name.endswith(KEEP_FP32_HF) and t.dtype == torch.float32
         size = torch.empty((), dtype=torch.float32 if keep else out_dtype).element_size()
         outputs.append((name, t.numel() * size, deps, group))
     used = set().union(*(o[2] for o in outputs))
@@ -137,7 +174,7 @@ def _plan(arch, config, params: dict, out_dtype, extra: Path | None, max_shard_b
                 numel = 1
                 for d in s.get_shape():
                     numel *= d
-                size = torch.empty((), dtype=_ST_DTYPES[s.get_dtype()]).element_size()
+                size = torch.empty((), dtype=ST_DTYPES[s.get_dtype()]).element_size()
                 outputs.append((name, numel * size, frozenset(), -1))
     shard, pending, of = 0, 0, []  # ShardedSafetensorsWriter.add's rule
     for _, nbytes, _, _ in outputs:
@@ -148,36 +185,97 @@ def _plan(arch, config, params: dict, out_dtype, extra: Path | None, max_shard_b
     return outputs, of, groups
 
 
+class _StoreProgress:
+    """A worker's side of the progress bar: tensors done, counted in the parent's store."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def update(self, n: int = 1) -> None:
+        self.store.add(_PROGRESS, n)
+
+
+_PROGRESS = "progress"
+
+
 def _worker(tmp: Path, rank: int) -> None:
+    import torch.distributed as dist
+
+    spec = json.loads((tmp / _SPEC).read_text())
+    nproc = spec["nproc"]
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+    # One gloo world of the workers: torch_dist loads and saves are collective (and
+    # megatron-core can only load part of a layer-stacked tensor in a world of two or more).
+    store = dist.TCPStore("127.0.0.1", spec["port"], world_size=nproc + 1, is_master=False)
+    dist.init_process_group("gloo", store=dist.PrefixStore("nproc", store), rank=rank,
+                            world_size=nproc)
+    if spec["direction"] == "hf-to-megatron":
+        _import_share(tmp, rank, spec, _StoreProgress(store))
+    else:
+        _export_share(tmp, rank, spec, _StoreProgress(store))
+
+
+def _import_share(tmp: Path, rank: int, spec: dict, bar: _StoreProgress) -> None:
+    """hf-to-megatron: fill this worker's parameters, save them with the others' (collective)."""
+    import torch.distributed as dist
+
+    from .. import models
+    from ..checkpoint import megatron_process_group, save_model_checkpoint
+    from .convert import (
+        build_model,
+        checkpoint_args,
+        fill_parameters,
+        load_hf_config,
+        model_parameters,
+        pass_through,
+    )
+    from .io import SafetensorsReader
+
+    nproc, hf_dir = spec["nproc"], Path(spec["hf_dir"])
+    config = load_hf_config(hf_dir)
+    arch = models.get_arch(config)
+    reader = SafetensorsReader(hf_dir)
+    direct = pass_through(arch, config, reader)
+    with megatron_process_group():
+        model = build_model(config, padded_vocab=spec["padded_vocab"],
+                            dtype=getattr(torch, spec["dtype"]))
+        params = {k: v.detach() for k, v in model_parameters(model).items()}
+        owner = shares([v.numel() * v.element_size() for v in params.values()], nproc)
+        mine = {name for name, o in zip(params, owner) if o == rank}
+        fill_parameters(params, arch, config, reader, direct, only=mine, bar=bar)
+        del params
+        save_model_checkpoint([model], tmp, iteration=0, consume=True, names=mine,
+                              args=checkpoint_args(model.config, config, tp=spec["tp"],
+                                                   pp=spec["pp"],
+                                                   padded_vocab=spec["padded_vocab"]))
+        del model
+    dist.destroy_process_group()
+
+
+def _export_share(tmp: Path, rank: int, spec: dict, bar: _StoreProgress) -> None:
+    """megatron-to-hf: load the parameters of this worker's shards, write the shards."""
+    import torch.distributed as dist
+
     from .. import models
     from ..checkpoint import load_model_weights, megatron_process_group
     from .convert import (
-        _KEEP_FP32_HF,
-        _build_model,
-        _mapped,
-        _parameters,
+        KEEP_FP32_HF,
+        build_model,
         load_hf_config,
+        mapped,
+        model_parameters,
         non_finite_tensors,
     )
     from .io import shard_file_name, write_safetensors
 
-    spec = json.loads((tmp / _SPEC).read_text())
     nproc, iter_dir = spec["nproc"], Path(spec["iter_dir"])
     out_dtype, ckpt_dtype = getattr(torch, spec["out_dtype"]), getattr(torch, spec["ckpt_dtype"])
     extra = Path(spec["extra"]) if spec["extra"] else None
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     config = load_hf_config(spec["hf_side"])
     arch = models.get_arch(config)
-    # One gloo world of the workers: torch_dist loads are collective, and megatron-core can
-    # only load part of a layer-stacked tensor in a world of two or more.
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", spec["port"], world_size=nproc + 1, is_master=False)
-    dist.init_process_group("gloo", store=dist.PrefixStore("nproc", store), rank=rank,
-                            world_size=nproc)
     with megatron_process_group():
-        model = _build_model(config, padded_vocab=spec["padded_vocab"], dtype=ckpt_dtype)
-        params = {k: v.detach() for k, v in _parameters(model).items()}
+        model = build_model(config, padded_vocab=spec["padded_vocab"], dtype=ckpt_dtype)
+        params = {k: v.detach() for k, v in model_parameters(model).items()}
         expected = set(models.megatron_names(arch, config, te=False))
         unknown, absent = sorted(set(params) - expected), sorted(expected - set(params))
         if unknown or absent:
@@ -233,10 +331,11 @@ def _worker(tmp: Path, rank: int) -> None:
             write_safetensors(tmp / shard_file_name(s, count), pending.pop(s), {"format": "pt"})
             weight_map.update({n: shard_file_name(s, count) for n, o in mine.items() if o == s})
 
-    for name, tensor in _mapped(models.megatron_to_hf(arch, config, take, te=False)):
+    for name, tensor in mapped(models.megatron_to_hf(arch, config, take, te=False)):
         if name in mine:
-            keep = name.endswith(_KEEP_FP32_HF) and tensor.dtype == torch.float32
+            keep = name.endswith(KEEP_FP32_HF) and tensor.dtype == torch.float32
             add(name, tensor if keep else tensor.to(out_dtype))
+            bar.update(1)
         del tensor
     if extra is not None:
         from safetensors import safe_open

@@ -54,14 +54,14 @@ def _expected_and_carried(hf_dir: Path, hf_config: Any):
     """(reader, arch, HF names the table reads, HF names carried aside); raises
     ``ConversionError`` / ``ValueError`` naming the problem."""
     from .. import models
-    from ..convert.convert import _IGNORED_HF_SUFFIXES, _extra_hf_tensors
+    from ..convert.convert import IGNORED_HF_SUFFIXES, extra_hf_tensors
     from ..convert.io import SafetensorsReader
 
     arch = models.get_arch(hf_config)
     models.linear_attention_config_from_hf(hf_config, arch)  # layer_types megatron lacks
     reader = SafetensorsReader(hf_dir)
-    present = {n for n in reader.names() if not n.endswith(_IGNORED_HF_SUFFIXES)}
-    carried = _extra_hf_tensors(arch, hf_config, present)
+    present = {n for n in reader.names() if not n.endswith(IGNORED_HF_SUFFIXES)}
+    carried = extra_hf_tensors(arch, hf_config, present)
     return reader, arch, present - set(carried), carried
 
 
@@ -95,12 +95,12 @@ def check_hf_source(hf_dir: Path, hf_config: Any, flag: str) -> None:
 def extra_tensors_writer(hf_dir: Path, hf_config: Any) -> Callable[[Path], None] | None:
     """Writes the HF tensors the Megatron model does not hold into ``<dir>/extra_tensors.
     safetensors`` (as ``convert hf-to-megatron`` does); None when there are none."""
-    from ..convert.convert import EXTRA_TENSORS_FILE, _write_extra_tensors
+    from ..convert.convert import EXTRA_TENSORS_FILE, write_extra_tensors
 
     reader, _, _, carried = _expected_and_carried(hf_dir, hf_config)
     if not carried:
         return None
-    return lambda directory: _write_extra_tensors(directory / EXTRA_TENSORS_FILE, reader,
+    return lambda directory: write_extra_tensors(directory / EXTRA_TENSORS_FILE, reader,
                                                   carried)
 
 
@@ -141,22 +141,22 @@ def fill_from_hf(model, hf_config: Any, hf_dir: str | Path, *, padded_vocab: int
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from .. import models
-    from ..checkpoint.torch_dist import _expand_factories, _tensors_only
-    from ..convert.convert import _config_dtype, _pass_through, _resolve_dtype
+    from ..checkpoint.torch_dist import expand_factories, tensors_only
+    from ..convert.convert import config_dtype, pass_through, resolve_dtype
     from ..convert.io import SafetensorsReader
 
     arch = models.get_arch(hf_config)
-    stored_dtype = _resolve_dtype(None, _config_dtype(hf_config))  # what conversion stores
+    stored_dtype = resolve_dtype(None, config_dtype(hf_config))  # what conversion stores
     local_name = dict(zip(models.megatron_names(arch, hf_config, te=True),
                           models.megatron_names(arch, hf_config, te=False)))
     state = {k: v for k, v in model.state_dict(keep_vars=True).items()
              if not k.endswith("_extra_state")}
     is_param = {id(p) for p in model.parameters()}
     sharded = model.sharded_state_dict()
-    _expand_factories(sharded, consume=False)  # fc1 halves: views into the parameter
+    expand_factories(sharded, consume=False)  # fc1 halves: views into the parameter
     targets: dict[str, list] = {}
     covered = set()
-    for st in nested_values(_tensors_only(sharded)):
+    for st in nested_values(tensors_only(sharded)):
         if not isinstance(st, ShardedTensor):
             continue
         if st.flattened_range is not None:
@@ -176,7 +176,7 @@ def fill_from_hf(model, hf_config: Any, hf_dir: str | Path, *, padded_vocab: int
     with torch.no_grad():
         # Renames split along their first dimension only (the vocabulary tensors at TP > 1):
         # only this rank's rows are read, the padding rows beyond the HF vocabulary zeroed.
-        for hf_name, name in _pass_through(arch, hf_config, reader).items():
+        for hf_name, name in pass_through(arch, hf_config, reader).items():
             parts = targets.get(name, [])
             if not parts or not all(_rows_only(st) for st, _ in parts):
                 continue
