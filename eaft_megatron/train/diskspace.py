@@ -10,7 +10,8 @@ real size) with ``ENOSPC`` on any rank -- torch's ``CheckpointException ranks:di
 -- is turned into the same message (:func:`no_space_error`; torch's writer may report it as
 ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, so a failed save with
 less free space left than the estimate counts too). Either way the last complete
-checkpoint stays as it was (Megatron updates the tracker only after a complete save)."""
+checkpoint stays as it was (Megatron updates the tracker only after a complete save), and the
+guard removes the failed save's partly written ``iter_XXXXXXX``; the run exits 2."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["check_free_space", "enospc_in", "estimate_checkpoint_bytes", "mount_of",
-           "no_space_error", "no_space_message"]
+           "no_space_error", "no_space_message", "short_write_in"]
 
 
 def _size(n: float) -> str:
@@ -50,11 +51,16 @@ def _free(path: str | os.PathLike) -> int:
     return shutil.disk_usage(p).free
 
 
-def no_space_message(save: str, iteration: int, *, needed: int | None, last: str) -> str:
-    """The one line: device (mount point) and path, the estimate and the free space."""
-    need = f"needed ~{_size(needed)}, " if needed else ""
+def no_space_message(save: str, iteration: int, *, needed: int | None, last: str,
+                     free: int | None = None, ran_out: bool = False) -> str:
+    """The one line: device (mount point) and path, the estimate and the free space (``free``,
+    else measured now). ``ran_out``: the save ran out of space mid-write, so it needed more
+    than the free space even where the estimate said it would fit."""
+    free = _free(save) if free is None else free
+    more = "more than " if ran_out and needed and free >= needed else ""
+    need = f"needed {more}~{_size(needed)}, " if needed else ""
     return (f"no space left on {mount_of(save)} for {save} ({need}free "
-            f"{_size(_free(save))}) to save the checkpoint of iteration {iteration}"
+            f"{_size(free)}) to save the checkpoint of iteration {iteration}"
             f"; the last complete checkpoint is {last}: free space or give another --save "
             f"(with --load at the old one), then rerun")
 
@@ -73,9 +79,10 @@ def estimate_checkpoint_bytes(model: Any, args: Any) -> int:
 
 
 def check_free_space(model: Any, args: Any, iteration: int, *,
-                     last: str) -> tuple[int, str | None]:
+                     last: str) -> tuple[int, int, str | None]:
     """On every rank (one all-reduce): the estimated size of the checkpoint about to be saved,
-    and the refusal line when it does not fit in the free space of ``--save`` (else None)."""
+    the free space of ``--save`` (read on rank 0), and the refusal line when it does not fit
+    (else None)."""
     import torch
 
     from ..compat.cpu import run_device
@@ -85,14 +92,16 @@ def check_free_space(model: Any, args: Any, iteration: int, *,
     total = torch.tensor([share, free], dtype=torch.float64, device=run_device())
     torch.distributed.all_reduce(total)
     needed = int(total[0].item() / max(1, getattr(args, "data_parallel_size", 1)))
-    if needed <= total[1].item():
-        return needed, None
-    return needed, no_space_message(args.save, iteration, needed=needed, last=last)
+    free = int(total[1].item())
+    if needed <= free:
+        return needed, free, None
+    return needed, free, no_space_message(args.save, iteration, needed=needed, last=last,
+                                          free=free)
 
 
-def enospc_in(exc: BaseException) -> OSError | None:
-    """The ``ENOSPC`` OSError in ``exc``: itself, its cause/context chain, or (torch's
-    ``CheckpointException``) any rank's failure."""
+def _chain(exc: BaseException):
+    """``exc``, its cause/context chain and (torch's ``CheckpointException``) every rank's
+    failure, each once."""
     seen: set[int] = set()
     todo = [exc]
     while todo:
@@ -100,22 +109,34 @@ def enospc_in(exc: BaseException) -> OSError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return e
+        yield e
         failures = getattr(e, "failures", None)
         if isinstance(failures, dict):
             for value in failures.values():
                 todo.append(value[0] if isinstance(value, tuple) else value)
         todo += [e.__cause__, e.__context__]
-    return None
+
+
+def enospc_in(exc: BaseException) -> OSError | None:
+    """The ``ENOSPC`` OSError in ``exc``: itself, its cause/context chain, or (torch's
+    ``CheckpointException``) any rank's failure."""
+    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno == errno.ENOSPC),
+                None)
+
+
+def short_write_in(exc: BaseException) -> bool:
+    """Whether torch's file writer reported a short write in ``exc`` (how it reports a full
+    disk: ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, no errno)."""
+    return any("unexpected pos" in str(e) for e in _chain(exc))
 
 
 def no_space_error(exc: BaseException, args: Any, iteration: int, *, needed: int,
-                   last: str) -> str | None:
-    """The refusal line for a save that failed with ``ENOSPC`` (on any rank), or failed in any
-    way while ``--save`` now has less free space than the checkpoint needs (torch's file
-    writer reports a full disk as ``RuntimeError: ... unexpected pos``, without the errno);
-    else None."""
-    if enospc_in(exc) is None and _free(args.save) >= needed:
+                   last: str, free: int | None = None) -> str | None:
+    """The refusal line for a save that failed with ``ENOSPC`` or a short write (on any rank),
+    or failed in any way while ``--save`` now has less free space than the checkpoint needs;
+    else None. ``free``: the free space measured before the save (:func:`check_free_space`),
+    reported instead of what is left now (a partial save may still fill the disk)."""
+    if enospc_in(exc) is None and not short_write_in(exc) and _free(args.save) >= needed:
         return None
-    return no_space_message(args.save, iteration, needed=needed, last=last)
+    return no_space_message(args.save, iteration, needed=needed, last=last, free=free,
+                            ran_out=True)

@@ -17,7 +17,10 @@ user sets it and may report first):
   free Y)" (:mod:`.diskspace`).
 
 The message names the iteration, the value and the last good checkpoint; the entry point prints
-it once and exits with status 3.
+it once and exits with the stop's ``code``: 3 for a divergence or a save that would roll back,
+2 for a full disk (something for the user to fix, like every other mistake). A save that failed
+mid-write for lack of space leaves no partly written ``iter_XXXXXXX`` behind: rank 0 removes it
+(unless the tracker already names it), so the last complete checkpoint is what a rerun finds.
 """
 
 from __future__ import annotations
@@ -36,15 +39,17 @@ __all__ = ["NonFiniteError", "RunStopped", "check_loss", "install_guard", "last_
            "uninstall_guard"]
 
 EXIT_CODE = 3
+NO_SPACE_CODE = 2
 _saved: list[tuple[Any, str, Any]] = []
 
 
 class RunStopped(RuntimeError):
     """The guard stopped the run; ``report``: this rank prints the message."""
 
-    def __init__(self, message: str, *, report: bool = True) -> None:
+    def __init__(self, message: str, *, report: bool = True, code: int = EXIT_CODE) -> None:
         super().__init__(message)
         self.report = report
+        self.code = code
 
 
 class NonFiniteError(RunStopped, FloatingPointError):
@@ -108,6 +113,20 @@ def _nonfinite_parameters(model: Any) -> list[str]:
     return bad
 
 
+def _remove_partial_save(save: str, iteration: int) -> None:
+    """Remove ``save``'s ``iter_XXXXXXX`` of a save that failed, unless the tracker names it
+    (then the save completed and something after it failed). Torch's checkpoint writers raise
+    on every rank only after all ranks' writes returned, so nothing is still writing there."""
+    import shutil
+
+    try:
+        if latest_complete(save) == iteration:
+            return
+    except ValueError:
+        pass  # a complete directory without a tracker: the failed save's own, remove it
+    shutil.rmtree(Path(save) / iteration_dir_name(iteration), ignore_errors=True)
+
+
 def install_guard() -> None:
     """Wrap ``train_step`` and ``save_checkpoint`` of Megatron's loop (idempotent)."""
     uninstall_guard()
@@ -162,20 +181,22 @@ def install_guard() -> None:
                 return None
             from .diskspace import check_free_space, no_space_error
 
-            needed = 0
+            needed, free = 0, None
             if not kw.get("non_persistent_ckpt"):
-                needed, short = check_free_space(model, args, iteration,
-                                                 last=last_good_checkpoint(args))
+                needed, free, short = check_free_space(model, args, iteration,
+                                                       last=last_good_checkpoint(args))
                 if short:
-                    raise RunStopped(short, report=rank == 0)
+                    raise RunStopped(short, report=rank == 0, code=NO_SPACE_CODE)
             try:
                 return original(iteration, model, *a, **kw)
             except BaseException as e:  # torch's CheckpointException is a BaseException
-                full = no_space_error(e, args, iteration, needed=needed,
+                full = no_space_error(e, args, iteration, needed=needed, free=free,
                                       last=last_good_checkpoint(args))
                 if full is None:
                     raise
-                raise RunStopped(full, report=rank == 0) from None
+                if rank == 0 and not kw.get("non_persistent_ckpt"):
+                    _remove_partial_save(args.save, iteration)
+                raise RunStopped(full, report=rank == 0, code=NO_SPACE_CODE) from None
 
         return save_checkpoint
 

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
-    from .guard import EXIT_CODE, RunStopped, install_guard
+    from .guard import RunStopped, install_guard
     from .metrics import MetricsLog, install_metrics_hooks
     from .steps import datasets_provider, forward_step, model_provider
 
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         if e.report:
             print(f"eaft_megatron.train: error: {e}", file=sys.stderr, flush=True)
         _tell_torchrun(str(e))
-        return EXIT_CODE
+        return e.code
     except SystemExit as e:  # --exit-signal-handler / --exit-interval: saved, then sys.exit
         if refusal() is not None:
             print(f"eaft_megatron.train: error: {refusal()}", file=sys.stderr, flush=True)
