@@ -281,6 +281,8 @@ def fused_linear_eaft_cross_entropy(
                     vocab_local=weight.shape[0], world=world, ignore_index=ignore_index,
                     device=hidden.device, what=f"the tokens of hidden {tuple(hidden.shape)} "
                     f"(sequence_parallel={sequence_parallel}, tp={world})")
+    validate_gate_options(loss_type=loss_type, top_k=top_k, alpha=alpha, entropy=entropy,
+                          vocab=vocab_size or weight.shape[0] * world)
     need_entropy = loss_type == "eaft" or return_stats
     k_local = min(top_k, weight.shape[0]) if need_entropy and entropy == "topk" else 0
     use_triton = resolve_impl(impl, k_local=k_local, device=hidden.device,

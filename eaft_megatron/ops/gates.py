@@ -29,8 +29,11 @@ LOSS_TYPES = ("sft", "dft", "eaft")
 ENTROPY_MODES = ("topk", "full")
 
 
-def validate_gate_options(*, loss_type: str, top_k: int, alpha: float, entropy: str) -> None:
-    """Raise ``ValueError`` / ``TypeError`` naming the bad option."""
+def validate_gate_options(*, loss_type: str, top_k: int, alpha: float, entropy: str,
+                          vocab: int | None = None) -> None:
+    """Raise ``ValueError`` / ``TypeError`` naming the bad option. With ``vocab`` (the number of
+    real token ids), an EAFT gate whose ``top_k`` exceeds it is refused: the top-K entropy would
+    silently be the full one and ``ln(top_k)`` would keep every weight below 1."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if entropy not in ENTROPY_MODES:
@@ -43,6 +46,9 @@ def validate_gate_options(*, loss_type: str, top_k: int, alpha: float, entropy: 
         raise ValueError(
             f"top_k must be >= 2 for loss_type='eaft': the gate divides by ln(top_k), got {top_k}"
         )
+    if loss_type == "eaft" and vocab is not None and top_k > vocab:
+        raise ValueError(f"top_k={top_k} is larger than the vocabulary ({vocab} ids): the EAFT "
+                         f"gate needs top_k <= vocabulary size")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a real number, got {type(alpha).__name__} ({alpha!r})")
     if not math.isfinite(alpha) or alpha < 0:

@@ -477,6 +477,8 @@ def vocab_parallel_eaft_cross_entropy(
     group = _resolve_tp_group(tp_group)
     rank, world = _group_rank_size(group)
     _validate_inputs(vocab_parallel_logits, target, ignore_index, world)
+    validate_gate_options(loss_type=loss_type, top_k=top_k, alpha=alpha, entropy=entropy,
+                          vocab=vocab_parallel_logits.shape[-1] * world)
     vocab_local = vocab_parallel_logits.shape[-1]
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(vocab_local, vocab_parallel_logits.device)

@@ -94,9 +94,10 @@ def test_tp1_matches_reference(loss_type, entropy, dtype_name):
     )
 
 
-@pytest.mark.parametrize("top_k,alpha", [(5, 0.5), (20, 2.0), (200, 1.0)])
+@pytest.mark.parametrize("top_k,alpha", [(5, 0.5), (20, 2.0), (64, 1.0)])
 def test_tp1_gate_options(top_k, alpha):
-    """Other k / alpha, and top_k larger than the whole vocabulary (uses what there is)."""
+    """Other k / alpha, and top_k equal to the whole vocabulary (one larger is refused:
+    ``test_bad_input_errors``)."""
     logits, target = make_case(1, 33, 64)
     for entropy in ENTROPIES:
         _check_against_reference(
@@ -185,6 +186,8 @@ def test_non_finite_logits_are_not_hidden():
         (dict(top_k=0), ValueError, "top_k must be >= 1, got 0"),
         (dict(top_k=1), ValueError, "ln\\(top_k\\)"),
         (dict(top_k=2.5), TypeError, "top_k must be an int"),
+        (dict(top_k=17), ValueError, r"top_k=17 is larger than the vocabulary \(16 ids\)"),
+        (dict(top_k=17, entropy="full"), ValueError, "top_k=17 is larger than the vocabulary"),
         (dict(alpha=-0.5), ValueError, "alpha must be finite and >= 0, got -0.5"),
         (dict(loss_type="focal"), ValueError, "loss_type must be one of .*'focal'"),
         (dict(entropy="renyi"), ValueError, "entropy must be one of .*'renyi'"),
@@ -192,7 +195,8 @@ def test_non_finite_logits_are_not_hidden():
     ],
 )
 def test_bad_input_errors(kwargs, exc, match):
-    args = dict(logits=torch.zeros(4, 3, 16), target=torch.zeros(4, 3, dtype=torch.long))
+    args = dict(logits=torch.zeros(4, 3, 16), target=torch.zeros(4, 3, dtype=torch.long),
+                top_k=8)  # the default 20 exceeds this vocabulary of 16
     args.update(kwargs)
     logits, target = args.pop("logits"), args.pop("target")
     with pytest.raises(exc, match=match):
@@ -236,6 +240,7 @@ def test_properties(n, vocab, scale, top_k, alpha, seed):
     ce = torch.nn.functional.cross_entropy(x.double(), target, reduction="none")
     sft = vocab_parallel_eaft_cross_entropy(x, target, loss_type="sft")
     torch.testing.assert_close(sft.double(), ce, atol=1e-4, rtol=1e-5)
+    top_k = min(top_k, vocab)  # a larger one is refused (test_bad_input_errors)
     for entropy in ENTROPIES:
         loss, stats = vocab_parallel_eaft_cross_entropy(
             x, target, top_k=top_k, alpha=alpha, entropy=entropy, return_stats=True
@@ -245,7 +250,8 @@ def test_properties(n, vocab, scale, top_k, alpha, seed):
         if entropy == "topk":
             assert (stats.entropy <= math.log(min(top_k, vocab)) + 1e-5).all()
         torch.testing.assert_close(loss, stats.weight * sft, atol=1e-5, rtol=1e-5)
-        flat = vocab_parallel_eaft_cross_entropy(x, target, alpha=0.0, entropy=entropy)
+        flat = vocab_parallel_eaft_cross_entropy(x, target, top_k=top_k, alpha=0.0,
+                                                 entropy=entropy)
         torch.testing.assert_close(flat, sft)  # alpha = 0: the gate is 1, EAFT is SFT
     dft, stats = vocab_parallel_eaft_cross_entropy(x, target, loss_type="dft", return_stats=True)
     torch.testing.assert_close(stats.target_prob.double(), torch.exp(-ce), atol=1e-5, rtol=1e-4)
@@ -267,7 +273,7 @@ def _tp_worker(rank, world, n_tokens, vocab):
                     logits, target, rank=rank, world=world, group=group, dtype_name=dtype_name,
                     loss_type=loss_type, entropy=entropy, shape=(n_tokens // 2, 2), chunk_rows=5,
                 )
-    for top_k, alpha in ((3, 0.5), (vocab + 10, 1.5)):  # k < V/tp, and k > V
+    for top_k, alpha in ((3, 0.5), (vocab, 1.5)):  # k < V/tp, and k = V > V/tp
         _check_against_reference(
             logits, target, rank=rank, world=world, group=group, dtype_name="fp32",
             loss_type="eaft", entropy="topk", top_k=top_k, alpha=alpha,
@@ -444,7 +450,7 @@ def _top_token_ties_worker(rank, world):
     for fused_rows in (None, 2):
         _, stats = vocab_parallel_eaft_cross_entropy(
             logits[:, rank * vl:(rank + 1) * vl].clone(), target, tp_group=dist.group.WORLD,
-            return_stats=True, chunk_rows=fused_rows)
+            return_stats=True, chunk_rows=fused_rows, top_k=4)
         expected = torch.where(target == -100, -1, logits.argmax(dim=1))
         assert torch.equal(stats.top_token, expected), (stats.top_token, expected)
     return True
