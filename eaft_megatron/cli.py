@@ -3,8 +3,8 @@
     eaft-megatron demo          # the whole pipeline on a small Qwen3 model, no download
     eaft-megatron info          # versions, devices and optional accelerations found
     eaft-megatron preprocess    # chat JSONL -> Megatron indexed dataset (eaft_megatron/data)
-    eaft-megatron convert hf-to-megatron --hf DIR --out DIR [--tp N --pp M] [--dtype bf16]
-    eaft-megatron convert megatron-to-hf --megatron DIR --out DIR [--dtype bf16]
+    eaft-megatron convert hf-to-megatron --hf DIR --out DIR [--tp N --pp M] [--nproc N]
+    eaft-megatron convert megatron-to-hf --megatron DIR --out DIR [--dtype bf16] [--nproc N]
 
 Sub-commands are registered here and implemented in their own modules (conversion, data
 preparation, training, demo), imported only when used so that ``--help`` stays fast.
@@ -49,7 +49,7 @@ def _convert(args) -> int:
         with interruptible():
             if args.direction == "hf-to-megatron":
                 out = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                                     force=args.force, drop_mtp=args.drop_mtp)
+                                     force=args.force, drop_mtp=args.drop_mtp, nproc=args.nproc)
             else:
                 out = megatron_to_hf(args.megatron, args.out, dtype=args.dtype,
                                      hf_config=args.hf_config, iteration=args.iteration,
@@ -83,6 +83,10 @@ def _add_convert(sub) -> None:
                           "written back by megatron-to-hf)")
     h2m.add_argument("--force", action="store_true",
                      help="replace a non-empty --out (never one overlapping an input)")
+    h2m.add_argument("--nproc", type=int, default=1,
+                     help="local processes sharing the conversion (each reads, holds and saves "
+                          "about 1/N of the parameters; one torch_dist checkpoint together); "
+                          "same parameters as with 1")
     m2h = directions.add_parser("megatron-to-hf",
                                 help="Megatron-Core checkpoint (converted or trained) -> HF")
     m2h.add_argument("--megatron", required=True, help="checkpoint root (or iter_XXXXXXX dir)")
@@ -99,7 +103,7 @@ def _add_convert(sub) -> None:
                      help="convert even if some weights are NaN/Inf (refused by default)")
     m2h.add_argument("--nproc", type=int, default=1,
                      help="local processes sharing the export (whole output shards each; "
-                          "each holds about 1/N of the model); same files as with 1")
+                          "each loads about 1/N of the model); same files as with 1")
     convert.set_defaults(func=_convert)
 
 

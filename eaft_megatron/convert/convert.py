@@ -426,13 +426,16 @@ def megatron_to_hf(
         if nproc > 1:
             from .parallel import run_workers
 
-            run_workers(tmp, nproc, dict(
-                iter_dir=str(iter_dir), hf_side=str(hf_side), padded_vocab=padded_vocab,
-                ckpt_dtype=str(ckpt_dtype).removeprefix("torch."),
-                out_dtype=str(out_dtype).removeprefix("torch."),
-                extra=str(hf_side / EXTRA_TENSORS_FILE)
-                if (hf_side / EXTRA_TENSORS_FILE).is_file() else None,
-                allow_non_finite=allow_non_finite, max_shard_bytes=max_shard_bytes))
+            with Progress(total=len(models.hf_names(arch, config)), desc="megatron -> hf",
+                          unit="tensors", enabled=progress) as bar:
+                run_workers(tmp, nproc, dict(
+                    direction="megatron-to-hf", iter_dir=str(iter_dir), hf_side=str(hf_side),
+                    padded_vocab=padded_vocab, ckpt_dtype=str(ckpt_dtype).removeprefix("torch."),
+                    out_dtype=str(out_dtype).removeprefix("torch."),
+                    extra=str(hf_side / EXTRA_TENSORS_FILE)
+                    if (hf_side / EXTRA_TENSORS_FILE).is_file() else None,
+                    allow_non_finite=allow_non_finite, max_shard_bytes=max_shard_bytes),
+                    progress=bar)
         else:
             _export(tmp, config, arch, iter_dir, hf_side, padded_vocab=padded_vocab,
                     ckpt_dtype=ckpt_dtype, out_dtype=out_dtype,
