@@ -5,6 +5,7 @@
     eaft-megatron preprocess    # chat JSONL -> Megatron indexed dataset (eaft_megatron/data)
     eaft-megatron convert hf-to-megatron --hf DIR --out DIR [--tp N --pp M] [--nproc N]
     eaft-megatron convert megatron-to-hf --megatron DIR --out DIR [--dtype bf16] [--nproc N]
+    eaft-megatron train --nproc-per-node N TRAINER FLAGS   # torchrun, the workers' exit status
 
 Sub-commands are registered here and implemented in their own modules (conversion, data
 preparation, training, demo), imported only when used so that ``--help`` stays fast.
@@ -131,10 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--eaft-landscape DIR (one, or two side by side)")
     add_plot_arguments(landscape)
     landscape.set_defaults(func=run_plot)
+    train = sub.add_parser(  # parsed by train/launch.py (main() hands its flags over as given)
+        "train", add_help=False,
+        help="launch the trainer under torchrun in this process: `eaft-megatron train "
+        "--nproc-per-node N TRAINER FLAGS`; a worker's one-line error and exit status (2 for "
+        "a mistake) instead of torchrun's report and 1")
+    train.set_defaults(func=lambda _args: _launch_train([]))
     return parser
 
 
+def _launch_train(argv: list[str]) -> int:
+    from .train.launch import main as launch
+
+    return launch(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # every other flag belongs to torchrun or the trainer
+        return _launch_train(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

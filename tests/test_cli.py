@@ -19,7 +19,7 @@ def test_module_entry_point_help():
 
 
 HELP_COMMANDS = [[], ["preprocess"], ["convert", "hf-to-megatron"], ["convert", "megatron-to-hf"],
-                 ["demo"], ["info"]]
+                 ["demo"], ["info"], ["train"]]
 
 
 def test_help_imports_no_heavy_module():

@@ -102,14 +102,23 @@ def _rank() -> int:
 
 def _error(message: str, code: int = 2) -> int:
     """One line on rank 0 (every rank exits with ``code``); under torchrun also the reason in
-    its failure report (:func:`_tell_torchrun`)."""
-    if _rank() == 0:
-        print(f"eaft_megatron.train: error: {message}", file=sys.stderr, flush=True)
-    _tell_torchrun(message)
+    its failure report (:func:`_report`)."""
+    _report(message, here=_rank() == 0)
     return code
 
 
-def _tell_torchrun(message: str) -> None:
+def _report(message: str, *, here: bool) -> None:
+    """The line ``eaft_megatron.train: error: MESSAGE``: into torchrun's error file
+    (:func:`_tell_torchrun`), and on stderr when ``here``, unless ``eaft-megatron train``
+    launched this worker and the error file holds it: that launcher prints it once."""
+    from .launch import LAUNCHER_ENV
+
+    written = _tell_torchrun(message)
+    if here and not (written and os.environ.get(LAUNCHER_ENV)):
+        print(f"eaft_megatron.train: error: {message}", file=sys.stderr, flush=True)
+
+
+def _tell_torchrun(message: str) -> bool:
     """The reason a worker stops, as torchrun's failure report shows it: torchrun exits 1
     whenever a worker fails (its own exit code cannot be chosen) and prints a report with a
     ``traceback :`` field per failed rank; without an error file that field only says "To
@@ -120,7 +129,7 @@ def _tell_torchrun(message: str) -> None:
 
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
-        return
+        return False
     line = f"eaft_megatron.train: error: {message}"
     data = {"message": {"message": line, "extraInfo": {"py_callstack": line,
                                                        "timestamp": str(int(time.time()))}}}
@@ -128,7 +137,8 @@ def _tell_torchrun(message: str) -> None:
         with open(path, "w") as f:
             json.dump(data, f)
     except OSError:
-        pass
+        return False
+    return True
 
 
 def _parse_megatron_args(full_argv: list[str]) -> Any:
@@ -273,22 +283,18 @@ def main(argv: list[str] | None = None) -> int:
                                             hf_weights=start.hf),
                      skip_model_parallel_init=cpu)
     except RunStopped as e:
-        if e.report:
-            print(f"eaft_megatron.train: error: {e}", file=sys.stderr, flush=True)
-        _tell_torchrun(str(e))
+        _report(str(e), here=e.report)
         return e.code
     except SystemExit as e:  # --exit-signal-handler / --exit-interval: saved, then sys.exit
         if refusal() is not None:
-            print(f"eaft_megatron.train: error: {refusal()}", file=sys.stderr, flush=True)
-            _tell_torchrun(str(refusal()))
+            _report(str(refusal()), here=True)
             return 2
         if e.code not in (None, 0):
             raise
     except BaseException:  # torch's CheckpointException is a BaseException
         if refusal() is None:
             raise
-        print(f"eaft_megatron.train: error: {refusal()}", file=sys.stderr, flush=True)
-        _tell_torchrun(str(refusal()))
+        _report(str(refusal()), here=True)
         return 2
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank's part of the last checkpoint is written
