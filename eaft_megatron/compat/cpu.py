@@ -379,6 +379,7 @@ def setup_cpu_training(args: Any) -> None:
             args.virtual_pipeline_model_parallel_size,
             context_parallel_size=args.context_parallel_size,
             expert_model_parallel_size=args.expert_model_parallel_size,
+            expert_tensor_parallel_size=args.expert_tensor_parallel_size,  # None: TP's
             order="tp-cp-ep-dp-pp" if not args.use_tp_pp_dp_mapping else "tp-cp-ep-pp-dp",
             create_gloo_process_groups=args.use_gloo_process_groups,
         )

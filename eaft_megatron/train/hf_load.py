@@ -133,6 +133,20 @@ def _rows_only(st) -> bool:
         for a in axes)
 
 
+def _section_rows(parts: list) -> dict[str, tuple[int, int]]:
+    """Sections of one parameter saved as separate tensors (megatron-core's
+    ``_split_tensor_factory``: the gated DeltaNet's ``in_proj.weight.query`` / ``.key`` / ...
+    and ``conv1d.weight.query`` ...): name -> (first row in the full TP=1 tensor, rows). The
+    sections stack along the first dimension in the order the factory lists them; each is
+    sharded over TP on its own."""
+    rows: dict[str, tuple[int, int]] = {}
+    for st, _, section in parts:
+        if section is not None and section not in rows:
+            n = st.global_shape[st.prepend_axis_num]
+            rows[section] = (sum(r for _, r in rows.values()), n)
+    return rows
+
+
 def fill_from_hf(model, hf_config: Any, hf_dir: str | Path, *, padded_vocab: int) -> int:
     """Fill this rank's model chunk from the HF directory (see the module doc); returns the
     number of tensors copied. No collective: every rank reads its own share."""
@@ -161,15 +175,18 @@ def fill_from_hf(model, hf_config: Any, hf_dir: str | Path, *, padded_vocab: int
             continue
         if st.flattened_range is not None:
             raise ValueError(f"sharded tensor {st.key!r} is flattened: not a model parameter")
-        name = _full_name(st.key, st.global_offset[:st.prepend_axis_num])
+        name, part = _full_name(st.key, st.global_offset[:st.prepend_axis_num]), None
+        if name not in local_name and name.rpartition(".")[0] in local_name:
+            name, _, part = name.rpartition(".")  # a named section (see _section_rows)
         if name not in local_name:
             raise ValueError(f"no {arch.hf_architecture} table entry for {name!r} "
                              f"(sharded tensor {st.key!r})")
         base = st.data if st.data._base is None else st.data._base
         covered.add(id(base))
-        targets.setdefault(local_name[name], []).append((st, id(base) in is_param))
+        targets.setdefault(local_name[name], []).append((st, id(base) in is_param, part))
     if uncovered := sorted(k for k, v in state.items() if id(v) not in covered):
         raise ValueError(f"parameters without a sharded tensor: {uncovered[:8]}")
+    first_row = {name: _section_rows(parts) for name, parts in targets.items()}
 
     reader = SafetensorsReader(hf_dir)
     copied = 0
@@ -178,11 +195,11 @@ def fill_from_hf(model, hf_config: Any, hf_dir: str | Path, *, padded_vocab: int
         # only this rank's rows are read, the padding rows beyond the HF vocabulary zeroed.
         for hf_name, name in pass_through(arch, hf_config, reader).items():
             parts = targets.get(name, [])
-            if not parts or not all(_rows_only(st) for st, _ in parts):
+            if not parts or not all(_rows_only(st) and part is None for st, _, part in parts):
                 continue
             source = reader.meta(hf_name)
             rows = source.shape[0]
-            for st, param in targets.pop(name):
+            for st, param, _ in targets.pop(name):
                 start = st.global_offset[st.prepend_axis_num]
                 stop = min(start + len(st.data), rows)
                 if source.shape[1:] != st.data.shape[1:]:
@@ -201,9 +218,17 @@ def fill_from_hf(model, hf_config: Any, hf_dir: str | Path, *, padded_vocab: int
         for name, full in models.hf_to_megatron(arch, hf_config, reader.get,
                                                 padded_vocab=padded_vocab, te=False,
                                                 only=targets):
-            for st, param in targets.pop(name):
-                offsets = st.global_offset[st.prepend_axis_num:]
-                if tuple(full.shape) != tuple(st.global_shape[st.prepend_axis_num:]):
+            sections = first_row[name]
+            if sections and (sum(n for _, n in sections.values()) != len(full)
+                             or any(tuple(st.global_shape[st.prepend_axis_num + 1:])
+                                    != tuple(full.shape[1:]) for st, _, _ in targets[name])):
+                raise ValueError(f"{name}: the table gives {tuple(full.shape)}, the model's "
+                                 f"sections expect {sections}")
+            for st, param, section in targets.pop(name):
+                offsets = list(st.global_offset[st.prepend_axis_num:])
+                if section is not None:  # rows of the section, which starts at this row
+                    offsets[0] += sections[section][0]
+                elif tuple(full.shape) != tuple(st.global_shape[st.prepend_axis_num:]):
                     raise ValueError(f"{name}: the table gives {tuple(full.shape)}, the model "
                                      f"expects {tuple(st.global_shape[st.prepend_axis_num:])}")
                 part = full[tuple(slice(o, o + n) for o, n in zip(offsets, st.data.shape))]

@@ -1,17 +1,24 @@
 """Training straight from a Hugging Face directory (``--load HF_DIR`` / ``--pretrained-checkpoint
 HF_DIR``, ``eaft_megatron.train.hf_load``).
 
-* parameters filled from the HF files at (TP, PP, EP) = (2,1,1), (1,2,1) (the tiny dense Qwen3)
-  and (1,1,2) (the tiny Qwen3-MoE) are bit-identical to ``convert hf-to-megatron`` at that TP/PP +
-  ``load_model_weights``, every rank's whole state dict (one spawn of 2 gloo ranks);
-* the trainer: ``--eval-only --load HF_DIR`` at TP=2 equals transformers' CE on the 24 samples;
+* parameters filled from the HF files at (TP, PP, EP) = (2,1,1), (1,2,1) (the tiny dense Qwen3,
+  a tied Qwen2), (2,1,1) (the gated-DeltaNet hybrid Qwen3.5) and (1,1,2) (the tiny GLM-4.5 MoE)
+  are bit-identical to ``convert hf-to-megatron`` at that TP/PP + ``load_model_weights``, every
+  rank's whole state dict (one spawn of 2 gloo ranks);
+* the trainer on 4 ranks: ``--eval-only --load HF_DIR`` of the GLM-4.5 MoE at TP=2 x PP=2 with
+  its experts at EP=2: the parameters the trainer's model provider filled are bit-identical to
+  conversion + load at that layout (``tests/train/hf_probe.py``, inside the launch) and the
+  evaluation equals transformers' CE on the 24 samples;
   ``--load RUN --save RUN --pretrained-checkpoint HF_DIR`` at PP=2 trains, stores ``RUN/hf``,
   and ``megatron-to-hf RUN`` needs nothing else (transformers' CE of the export equals the run's
   last evaluation), and its ``--export-hf`` equals ``megatron-to-hf`` bit for bit; the GLM-4.5 MTP
   layer is kept aside in ``RUN/hf`` (two torchrun launches);
 * bad input refused in one line before anything is built or written (the pre-flight, in
-  process): missing / wrongly shaped tensors, pickle-only weights, unsupported architecture,
-  a TP that does not divide the heads, ``--ckpt-step`` on a HF directory.
+  process): missing / left-over / wrongly shaped tensors, a sharded checkpoint whose index
+  names a missing file, pickle-only weights, truncated safetensors, unsupported architecture,
+  a TP that does not divide the heads, a PP that does not divide the layers, an EP that does
+  not divide the experts, ``--ckpt-step`` on a HF directory; and one real process: exit 2,
+  one line, nothing written.
 """
 
 from __future__ import annotations
@@ -85,20 +92,23 @@ def _states_worker(rank, world, cases):
 
 def test_hf_fill_equals_conversion_plus_load(tiny, tmp_path):
     """Dense Qwen3 at TP=2 and PP=2, a tied Qwen2 at PP=2 (the last stage's output layer is the
-    embedding), GLM-4.5 MoE at EP=2 (fp32 expert-bias buffer, shared expert, an MTP layer kept
-    aside: the extra-tensors file equals the conversion's)."""
+    embedding), the gated-DeltaNet hybrid Qwen3.5 at TP=2 (its ``in_proj`` / ``conv1d`` saved
+    as named sections, each TP-sharded on its own), GLM-4.5 MoE at EP=2 (fp32 expert-bias
+    buffer, shared expert, an MTP layer kept aside: the extra-tensors file equals the
+    conversion's)."""
     from safetensors.torch import load_file
 
     from eaft_megatron.convert import hf_to_megatron, load_hf_config
     from eaft_megatron.train.hf_load import extra_tensors_writer
-    from tests.support.tiny_models import build, build_moe
+    from tests.support.tiny_models import build, build_demo_qwen3_5, build_moe
 
     moe, tied = tmp_path / "glm4_moe", tmp_path / "qwen2_tied"
     build_moe("glm4_moe", moe)
     build("qwen2_tied")[1].save_pretrained(tied)
+    hybrid = build_demo_qwen3_5(tmp_path / "qwen3_5")
     cases = []
     for hf, tp, pp, ep in ((tiny["hf"], 2, 1, 1), (tiny["hf"], 1, 2, 1), (tied, 1, 2, 1),
-                           (moe, 1, 1, 2)):
+                           (hybrid, 2, 1, 1), (moe, 1, 1, 2)):
         out = hf_to_megatron(hf, tmp_path / f"conv-{Path(hf).name}-{tp}{pp}{ep}", tp=tp, pp=pp,
                              progress=False)
         cases.append((str(hf), str(out), tp, pp, ep))
@@ -122,18 +132,49 @@ def test_hf_fill_equals_conversion_plus_load(tiny, tmp_path):
 # The trainer
 
 
-def test_eval_only_from_hf_dir_matches_transformers(tiny):
+def test_eval_only_from_hf_dir_tp2_pp2_ep2_probed(tiny, tmp_path):
+    """GLM-4.5 MoE (a dense first layer, shared expert, sigmoid router with its fp32 expert
+    bias, an MTP layer kept aside) evaluated straight from its HF directory at TP=2 x PP=2 on 4
+    ranks, the experts at EP=2 (expert TP 1): every rank's parameters, as the trainer's model
+    provider filled them, are bit-identical to ``convert hf-to-megatron`` + megatron-core's
+    sharded load at the same layout (``tests/train/hf_probe.py``, inside this one launch), and
+    the evaluation equals transformers' CE on the 24 samples."""
+    import subprocess
+
+    from eaft_megatron.convert import hf_to_megatron
+    from tests.support.launch import ROOT, Run, subprocess_env, torchrun
+    from tests.support.tiny_models import build_moe
     from tests.train.test_pretrain import _hf_reference
 
-    out = tiny["root"] / "eval-hf-tp2"
-    run = check(run_train(out, "--load", str(tiny["hf"]), "--eval-only", *EVAL_ALL,
-                          "--tensor-model-parallel-size", "2", *_common(tiny), nproc=2))
+    moe = tmp_path / "glm4_moe"
+    build_moe("glm4_moe", moe)
+    converted = hf_to_megatron(moe, tmp_path / "converted", tp=2, pp=2, progress=False)
+    out, probe = tmp_path / "eval", tmp_path / "probe"
+    cmd = torchrun("-m", "tests.train.hf_probe", "--log-dir", str(out), "--num-workers", "0",
+                   "--load", str(moe), "--eval-only", *EVAL_ALL,
+                   "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                   "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
+                   *_common(tiny), nproc=4)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
+                          env=subprocess_env(EAFT_PROBE_CONVERTED=str(converted),
+                                             EAFT_PROBE_OUT=str(probe)))
+    metrics = out / "metrics.jsonl"
+    run = check(Run(proc.returncode, proc.stdout + proc.stderr,
+                    [json.loads(x) for x in metrics.read_text().splitlines()]
+                    if metrics.is_file() else []))
     assert "loading the Hugging Face model" in run.output
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(4)]
+    for rank, r in enumerate(ranks):
+        assert r["from_hf"] == str(moe) and r["differ"] == [] and r["extra"] == [], (rank, r)
+    # each stage holds its own layers, the TP peers the same entries; experts split over EP
+    assert ranks[0]["keys"] == ranks[1]["keys"] and ranks[2]["keys"] == ranks[3]["keys"]
+    assert any(k.startswith("embedding.") for k in ranks[0]["keys"])
+    assert any(k.startswith("output_layer.") for k in ranks[2]["keys"])
+    assert any("experts" in k for k in ranks[0]["keys"] + ranks[2]["keys"])
     start, record = run.records
-    assert start["kind"] == "start" and start["checkpoint"] == str(tiny["hf"])
+    assert start["kind"] == "start" and start["checkpoint"] == str(moe)
     assert record["kind"] == "valid" and record["iteration"] == 0
-    assert record["lm_loss"] == pytest.approx(_hf_reference(tiny["hf"], tiny["data"])["ce"],
-                                              rel=REL)
+    assert record["lm_loss"] == pytest.approx(_hf_reference(moe, tiny["data"])["ce"], rel=REL)
 
 
 def test_train_from_hf_dir_then_export(tiny, capsys):
@@ -233,6 +274,13 @@ def test_restart_resolution_with_a_hf_dir(tiny, tmp_path):
     assert (s.load, s.hf, s.resumed, s.iteration) == (str(run), None, True, 4)
 
 
+def _tensor_names(hf: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(hf / "model.safetensors"), "pt") as f:
+        return sorted(f.keys())
+
+
 def test_bad_hf_directories_refused_in_one_line(tiny, tmp_path):
     from eaft_megatron.train.argv import TrainArgError, complete_argv
 
@@ -252,10 +300,27 @@ def test_bad_hf_directories_refused_in_one_line(tiny, tmp_path):
     shutil.copytree(hf, llama)
     raw = json.loads((llama / "config.json").read_text())
     (llama / "config.json").write_text(json.dumps({**raw, "architectures": ["LlamaForCausalLM"]}))
+    extra = _rewrite(hf, tmp_path / "extra", lambda t: t.update(
+        {"model.layers.0.mlp.extra_proj.weight": torch.ones(2, 2)}))
+    lost_shard = tmp_path / "lost_shard"  # the index names a shard that is not there
+    shutil.copytree(hf, lost_shard)
+    names = _tensor_names(hf)
+    (lost_shard / "model.safetensors").rename(lost_shard / "model-00001-of-00002.safetensors")
+    (lost_shard / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)}}))
+    from tests.support.tiny_models import build_moe
+
+    moe = tmp_path / "moe"
+    build_moe("qwen3_moe", moe)
 
     save = tmp_path / "save"
     cases = [
         ((missing,), "lacks 1 tensor(s) the Qwen3ForCausalLM mapping needs: ['model.norm.weight']"),
+        ((extra,), "holds 1 tensor(s) the Qwen3ForCausalLM mapping does not consume (wrong "
+                   "architecture?): ['model.layers.0.mlp.extra_proj.weight']"),
+        ((lost_shard,), "lists model-00002-of-00002.safetensors, which is missing"),
+        ((hf, "--pipeline-model-parallel-size", "3"), "does not divide the model's 2 layers"),
+        ((moe, "--expert-model-parallel-size", "3"), "does not divide the 8"),
         ((shaped,), "'model.norm.weight' has shape (65,), expected (64,)"),
         ((pickled,), "only PyTorch .bin weights"),
         ((truncated,), "is truncated"),
