@@ -62,13 +62,24 @@ def _describe(owner: dict) -> str:
     return f"host {owner.get('host')} pid {owner.get('pid')}, started {started}"
 
 
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and only waits to be reaped (a ``kill -9``'d worker whose
+    parent is gone too, in a container whose init does not reap): dead, though /proc has it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:].split()[0] in (b"Z", b"X")
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def _why_stale(owner: dict | None, age: float) -> str | None:
     """Why the lock's owner is gone, or None when it may be alive."""
     if owner is None:
         return "unreadable lock file" if age > STALE_S else None
     if owner.get("host") == _host():
         now = _start_time(int(owner.get("pid", -1)))
-        if now is None:
+        if now is None or _zombie(int(owner.get("pid", -1))):
             return "its process is gone"
         if owner.get("start") and now != owner["start"]:
             return "its pid now belongs to another process"

@@ -1,13 +1,18 @@
 """One training job per ``--save`` (``eaft_megatron.train.lock``): a live owner refuses a second
-job in one line (a real trainer process against a lock held by this live test process), a dead
+job in one line (a real trainer process against a lock held by this live test process, and
+three real launches on one ``--save``: a training job, a second one refused while it lives, a
+third one after ``kill -9`` of the first that takes the stale lock over and resumes), a dead
 owner's or a silent remote owner's lock is taken over with a message, ``--eaft-force-lock``
-forces; a finished run removes its lock (checked after real runs in
+forces; a finished run removes its lock (also checked after real runs in
 tests/examples/test_sft_scripts.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +22,7 @@ import pytest
 
 from eaft_megatron.train.lock import LOCK_NAME, STALE_S, LockError, acquire
 from tests.support.fixtures import write_data
-from tests.support.launch import ROOT, subprocess_env
+from tests.support.launch import ROOT, free_port, subprocess_env, torchrun
 from tests.support.tiny_models import train_config
 
 
@@ -98,3 +103,77 @@ def test_stale_locks_are_taken_over_and_force_overrides(tmp_path):
     with pytest.raises(LockError, match=f"^--save {tmp_path / 'file' / 'run'}: cannot write "
                        f"there \\(Not a directory: {tmp_path / 'file'}"):
         acquire(tmp_path / "file" / "run")
+
+
+def _files(root):
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_three_real_launches_on_one_save(tiny_inputs, tmp_path):
+    """A trains (torchrun, one worker) until it holds the lock and has saved, then is frozen
+    (SIGSTOP: alive, and --save stays still). B, launched on the same --save while A lives,
+    refuses in one line naming A's host and pid, exit 2 (``eaft-megatron train``, which keeps
+    the worker's status; bare torchrun would exit 1), nothing written. A's torchrun and worker
+    are killed with SIGKILL (torchrun starts each worker in its own session: both process
+    groups). C, the same command as A, takes the stale lock over with a message, resumes from
+    A's last checkpoint, trains one iteration (--exit-interval), saves it and removes the lock."""
+    save, lock = tmp_path / "run", tmp_path / "run" / LOCK_NAME
+    train = ["--load", str(tiny_inputs / "mcore"), "--save", str(save), "--data-path",
+             str(tiny_inputs / "data" / "train"), "--micro-batch-size", "1",
+             "--global-batch-size", "1", "--lr", "1e-3", "--train-iters", "100000",
+             "--lr-decay-iters", "100000", "--save-interval", "10", "--eval-iters", "0",
+             "--eval-interval", "100000", "--num-workers", "0"]
+    env = subprocess_env()
+    with open(tmp_path / "a.log", "w") as out:
+        a = subprocess.Popen(torchrun("-m", "eaft_megatron.train", *train,
+                                      "--log-dir", str(tmp_path / "log_a")),
+                             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    worker = None
+    try:
+        deadline = time.monotonic() + 240
+        while not (save / "latest_checkpointed_iteration.txt").is_file() or worker is None:
+            assert a.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "a.log").read_text()[-3000:]
+            time.sleep(0.2)
+            if worker is None and lock.is_file():
+                with contextlib.suppress(ValueError, OSError):
+                    worker = _owner(lock)["pid"]
+        for group in (a.pid, worker):
+            os.killpg(group, signal.SIGSTOP)
+        before = _files(save)
+        owner = _owner(lock)
+        assert owner["pid"] == worker and str(tmp_path / "log_a") in owner["argv"]  # A's
+
+        b = subprocess.run([sys.executable, "-m", "eaft_megatron", "train", "--master-addr",
+                            "127.0.0.1", "--master-port", str(free_port()), *train,
+                            "--log-dir", str(tmp_path / "log_b")],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert b.returncode == 2, b.stdout[-2000:] + b.stderr[-3000:]
+        assert b.stderr.splitlines() == [
+            f"eaft_megatron.train: error: --save {save} is in use by another training job "
+            f"(host {owner['host']} pid {worker}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner['time']))}; {lock}): "
+            f"wait for it or stop it, or pass --eaft-force-lock if it is gone"], b.stderr
+        assert _files(save) == before and not (tmp_path / "log_b").exists()
+    finally:
+        for group in (worker, a.pid):
+            if group is not None:
+                os.killpg(group, signal.SIGKILL)
+        a.wait()
+    assert lock.is_file()  # left behind by the killed job
+    last = int((save / "latest_checkpointed_iteration.txt").read_text())
+
+    c = subprocess.run(torchrun("-m", "eaft_megatron.train", *train, "--log-dir",
+                                str(tmp_path / "log_c"), "--exit-interval", str(last + 1)),
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert c.returncode == 0, c.stdout[-3000:] + c.stderr[-3000:]
+    took = [x for x in c.stderr.splitlines() if "took over the lock" in x]
+    assert len(took) == 1 and re.fullmatch(
+        f"eaft_megatron.train: took over the lock of --save {save} from host "
+        f"{re.escape(owner['host'])} pid {worker}, started [-0-9: ]+ \\(its process is gone\\)",
+        took[0]), took
+    assert f"resuming from {save / f'iter_{last:07d}'}" in c.stdout
+    assert int((save / "latest_checkpointed_iteration.txt").read_text()) == last + 1
+    assert not lock.exists()  # released at the end
