@@ -51,7 +51,12 @@ from ..checkpoint import (
 )
 from ..paths import atomic_output, check_output
 from ..progress import Progress
-from .io import ConversionError, SafetensorsReader, ShardedSafetensorsWriter
+from .io import (
+    ConversionError,
+    SafetensorsReader,
+    ShardedSafetensorsWriter,
+    write_safetensors,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
@@ -348,12 +353,12 @@ def _carried_description(names: list[str]) -> str:
 
 def write_extra_tensors(path: Path, reader: SafetensorsReader, names: list[str]) -> None:
     """One safetensors file of the named HF tensors, unchanged (GLM-4.5's MTP layers, Qwen3.5's
-    MTP head and vision tower); its metadata says which of these it holds."""
-    from safetensors.torch import save_file
-
-    save_file({n: reader.get(n).contiguous() for n in names}, str(path),
-              metadata={"format": "pt", "eaft_megatron": "HF tensors the Megatron model does "
-                        f"not hold ({_carried_description(names)}), written back on export"})
+    MTP head and vision tower); its metadata says which of these it holds. Written by
+    :func:`~.io.write_safetensors`: the same bytes on every run (safetensors' own writer orders
+    the metadata differently from one process to the next)."""
+    write_safetensors(path, {n: reader.get(n).contiguous() for n in names},
+                      {"format": "pt", "eaft_megatron": "HF tensors the Megatron model does "
+                       f"not hold ({_carried_description(names)}), written back on export"})
 
 
 def non_finite_tensors(tensors: dict[str, torch.Tensor], *, chunk: int = 1 << 24) -> list[str]:

@@ -244,6 +244,8 @@ def _import_share(tmp: Path, rank: int, spec: dict, bar: _StoreProgress) -> None
         mine = {name for name, o in zip(params, owner) if o == rank}
         fill_parameters(params, arch, config, reader, direct, only=mine, bar=bar)
         del params
+        if rank == 0:  # the modules' extra states (no tensors): written once, by worker 0
+            mine |= {k for k in model.state_dict(keep_vars=True) if k.endswith("_extra_state")}
         save_model_checkpoint([model], tmp, iteration=0, consume=True, names=mine,
                               args=checkpoint_args(model.config, config, tp=spec["tp"],
                                                    pp=spec["pp"],

@@ -1,7 +1,10 @@
-"""``convert megatron-to-hf --nproc N``: the same files as one process, all or nothing.
+"""``convert hf-to-megatron / megatron-to-hf --nproc N``: the same result as one process, all
+or nothing.
 
-Oracle: the one-process export (itself bit-exact to the HF source, test_convert). The exports
-are cut into several shards (small ``max_shard_bytes``) so the workers really share them."""
+Oracle: the one-process conversion (itself bit-exact to the HF source, test_convert); the
+torch_dist checkpoints are compared through torch.distributed.checkpoint's own reader. The
+exports are cut into several shards (small ``max_shard_bytes``) so the workers really share
+them."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from eaft_megatron.cli import main
 from eaft_megatron.convert import hf_to_megatron, megatron_to_hf
@@ -54,21 +58,65 @@ def test_nproc_export_is_bit_identical(ckpts, tmp_path, case, dtype, nproc):
     assert not _leftovers(tmp_path)
 
 
+def _dcp(iter_dir: Path) -> dict:
+    """Every entry of a torch_dist checkpoint, read by torch.distributed.checkpoint itself
+    (tensors, and the pickled common state: our own files)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    return _load_state_dict_from_keys(checkpoint_id=str(iter_dir),
+                                      storage_reader=FileSystemReader(str(iter_dir)))
+
+
+@pytest.mark.parametrize("case,dtype", [("qwen3", None), ("glm4_moe", "bf16")])
+def test_nproc_import_is_bit_identical(ckpts, tmp_path, case, dtype):
+    hf_dir = ckpts[case].parent / case
+    one = hf_to_megatron(hf_dir, tmp_path / "one", dtype=dtype, progress=False)
+    many = hf_to_megatron(hf_dir, tmp_path / "many", dtype=dtype, progress=False, nproc=2)
+    a, b = _dcp(one / "iter_0000000"), _dcp(many / "iter_0000000")
+    assert sorted(a) == sorted(b)
+    tensors = [k for k, v in a.items() if isinstance(v, torch.Tensor)]
+    assert len(tensors) >= 8, sorted(a)  # (layer-stacked: one tensor per kind of weight)
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == b[key].dtype and torch.equal(value, b[key]), key
+        else:  # iteration, checkpoint_version, args (parallel sizes, padded vocabulary)
+            assert value == b[key], key
+    # both workers wrote tensors; everything beside the tensor files is the same bytes
+    assert {p.name for p in (many / "iter_0000000").glob("*.distcp")} >= {"__0_0.distcp",
+                                                                          "__1_0.distcp"}
+    ta, tb = _tree(one), _tree(many)
+    same = [n for n in ta if not n.endswith((".distcp", ".metadata"))]
+    assert sorted(same) == sorted(n for n in tb if not n.endswith((".distcp", ".metadata")))
+    assert any(n.startswith("hf/") for n in same) and "eaft_megatron.json" in same
+    for name in same:
+        assert ta[name] == tb[name], name
+    assert not _leftovers(tmp_path)
+
+
 def test_bad_nproc_is_one_line_exit_2(ckpts, tmp_path, capsys):
-    for bad in ("0", "-2"):
-        rc = main(["convert", "megatron-to-hf", "--megatron", str(ckpts["qwen3"]),
-                   "--out", str(tmp_path / "out"), "--nproc", bad])
-        err = capsys.readouterr().err.strip()
-        assert rc == 2 and err == ("eaft-megatron convert: error: --nproc must be a positive "
-                                   f"number of processes, got {bad}"), err
-        assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
+    hf_dir = ckpts["qwen3"].parent / "qwen3"
+    for direction, source in (("megatron-to-hf", ["--megatron", str(ckpts["qwen3"])]),
+                              ("hf-to-megatron", ["--hf", str(hf_dir)])):
+        for bad in ("0", "-2", "100000"):
+            rc = main(["convert", direction, *source, "--out", str(tmp_path / "out"),
+                       "--nproc", bad])
+            err = capsys.readouterr().err.strip()
+            why = (f"--nproc {bad} is more processes than the model has parameter tensors to "
+                   f"share (" if bad == "100000" else
+                   f"--nproc must be a positive number of processes, got {bad}")
+            assert rc == 2 and err.startswith(f"eaft-megatron convert: error: {why}"), err
+            assert len(err.splitlines()) == 1, err
+            assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
 
 
-def test_kill9_of_a_worker_leaves_nothing_and_no_process(ckpts, tmp_path):
+@pytest.mark.parametrize("direction", ["megatron-to-hf", "hf-to-megatron"])
+def test_kill9_of_a_worker_leaves_nothing_and_no_process(ckpts, tmp_path, direction):
     out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, "-m", "eaft_megatron", "convert", "megatron-to-hf",
-                          "--megatron", str(ckpts["glm4_moe"]), "--out", str(out),
-                          "--nproc", "2"], stderr=subprocess.PIPE, text=True)
+    source = (["--megatron", str(ckpts["glm4_moe"])] if direction == "megatron-to-hf" else
+              ["--hf", str(ckpts["glm4_moe"].parent / "glm4_moe")])
+    p = subprocess.Popen([sys.executable, "-m", "eaft_megatron", "convert", direction, *source,
+                          "--out", str(out), "--nproc", "2"], stderr=subprocess.PIPE, text=True)
     parent, seen, victim = psutil.Process(p.pid), set(), None
     end = time.monotonic() + 300
     while victim is None and time.monotonic() < end and p.poll() is None:
@@ -95,3 +143,10 @@ def test_kill9_of_a_worker_leaves_nothing_and_no_process(ckpts, tmp_path):
                 alive.append(c.cmdline())
                 c.kill()
     assert not alive, f"processes outlived the converter: {alive}"
+    # and a rerun (a fresh process of the same command) completes
+    rerun = subprocess.run([sys.executable, "-m", "eaft_megatron", "convert", direction, *source,
+                            "--out", str(out), "--nproc", "2"], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (out / "config.json" if direction == "megatron-to-hf" else
+            out / "eaft_megatron.json").is_file()
+    assert not _leftovers(tmp_path)
