@@ -9,7 +9,9 @@ Steps (each says what it does and where its output is):
  1. a small Qwen3 model in Hugging Face format (a BPE tokenizer trained on the bundled chat data
     and a randomly initialised ``Qwen3ForCausalLM``), unless ``--hf-model`` is given (any
     supported architecture, mixtures of experts included: ``--ep`` spreads the experts);
- 2. ``convert hf-to-megatron`` at ``--tp`` (default 2);
+ 2. ``convert hf-to-megatron`` at ``--tp`` (default 2) of the demo's own model; a
+    ``--hf-model`` is not converted: the trainer reads it directly, each rank only its own
+    slices of the safetensors (``--pretrained-checkpoint HF_DIR``, ``train/hf_load.py``);
  3. ``preprocess`` of the bundled chat dataset (or ``--data``): assistant-only loss masks, one
     conversation per sample (not packed: what the trainer needs for gated-DeltaNet hybrids
     such as Qwen3.5 on CPU, whose recurrent state would otherwise cross conversations);
@@ -166,9 +168,9 @@ def _check_layout(args, config, where: str) -> str:
 
 def _landscape_eval(args, sizes: Sizes, ckpt: Path, valid: Path, valid_samples: int,
                     out: Path) -> dict | None:
-    """An evaluation-only run of the trainer on ``ckpt`` (the converted model before training,
-    the trained run after): its entropy-probability landscape on the held-out conversations
-    (the same samples both times), into ``out``."""
+    """An evaluation-only run of the trainer on ``ckpt`` (the model before training, converted
+    or a HF directory, the trained run after): its entropy-probability landscape on the
+    held-out conversations (the same samples both times), into ``out``."""
     cmd = _trainer_command(
         args, sizes, "--load", str(ckpt), "--data-path", str(valid), "--eval-only",
         "--eval-iters", str(max(1, valid_samples // sizes.global_batch)),
@@ -432,9 +434,14 @@ def _run(args: argparse.Namespace, sizes: Sizes, work: Path, architecture: str) 
         make_qwen3_model(hf_dir, vocab_size=sizes.vocab, hidden=sizes.hidden,
                          layers=sizes.layers)
 
-    _say(2, total, f"Converting it to a Megatron-Core checkpoint (torch_dist, TP={args.tp}, "
-                   f"PP={args.pp}) -> {work / 'mcore'}")
-    ckpt = hf_to_megatron(hf_dir, work / "mcore", tp=args.tp, pp=args.pp, progress=True)
+    if args.hf_model:  # the trainer reads it directly: no copy of a possibly large model
+        _say(2, total, f"No conversion: the trainer reads {hf_dir} directly at "
+                       f"{_layout(args)}, each rank only its own slices of the safetensors")
+        ckpt = hf_dir
+    else:
+        _say(2, total, f"Converting it to a Megatron-Core checkpoint (torch_dist, "
+                       f"TP={args.tp}, PP={args.pp}) -> {work / 'mcore'}")
+        ckpt = hf_to_megatron(hf_dir, work / "mcore", tp=args.tp, pp=args.pp, progress=True)
 
     _say(3, total, f"Preparing the chat data {data_src} (assistant-only loss masks, one "
                    f"conversation per sample, --seq-length {sizes.seq_length}) -> {work / 'data'}")

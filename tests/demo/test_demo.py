@@ -81,8 +81,9 @@ def test_demo_quick_runs_every_stage(tmp_path):
 
 
 def test_demo_quick_moe_with_expert_parallelism(tmp_path, capsys):
-    """``demo --hf-model <Qwen3-MoE> --tp 1 --ep 2``: two ranks each holding half the experts
-    train it; the export's logits equal the Megatron model's (transformers' MoE forward).
+    """``demo --hf-model <Qwen3-MoE> --tp 1 --ep 2``: no conversion, two ranks each reading
+    and holding half the experts train it; the export's logits equal the Megatron model's
+    (transformers' MoE forward).
     (``--no-landscape``: the evaluation-only runs are the dense test's.)"""
     from tests.support.tiny_models import build_demo_moe
 
@@ -96,7 +97,11 @@ def test_demo_quick_moe_with_expert_parallelism(tmp_path, capsys):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "(Qwen3MoeForCausalLM)" in proc.stdout and "TP=1 x PP=1 x EP=2" in proc.stdout
     assert "--expert-model-parallel-size 2" in proc.stdout
+    # no conversion step: the trainer starts from the HF directory itself
+    assert "No conversion: the trainer reads" in proc.stdout and not (work / "mcore").exists()
+    assert f"--pretrained-checkpoint {hf} " in proc.stdout
     records = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["kind"] == "start" and records[0]["checkpoint"] == str(hf)
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) >= 2 and train[-1]["loss"] < train[0]["loss"]
     assert all(r["expert_load_imbalance"] >= 1 for r in train)
@@ -169,6 +174,7 @@ def test_demo_quick_gated_deltanet_hybrid(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "(Qwen3_5ForCausalLM)" in proc.stdout and "TP=2 x PP=1" in proc.stdout
     assert "falling back to its reference PyTorch" not in proc.stdout + proc.stderr
+    assert "No conversion: the trainer reads" in proc.stdout and not (work / "mcore").exists()
     for name in ("train", "valid"):
         summary = json.loads((work / "data" / f"{name}_summary.json").read_text())
         assert summary["packed"] is False and summary["sequences"] == summary["documents"]
