@@ -4,7 +4,7 @@
 import os
 import sys
 
-from .main import main
+from .main import cached_help, main, wants_help
 
 
 def single_process_defaults() -> None:
@@ -30,6 +30,8 @@ def quiet_no_cuda_notice() -> None:
 
 
 if __name__ == "__main__":  # spawned helpers (checkpoint saving's Manager) re-import this module
+    if wants_help(sys.argv[1:]) and cached_help() is not None:
+        sys.exit(main())  # the text of an earlier --help: no torch, no megatron to import
     quiet_no_cuda_notice()
     from ..compat.lazy_compile import defer_torch_compile
 

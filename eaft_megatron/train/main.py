@@ -172,14 +172,85 @@ class _ArgsRejected(Exception):
     pass
 
 
+def wants_help(argv: list[str]) -> bool:
+    return "-h" in argv or "--help" in argv
+
+
+def _help_cache_file() -> Path | None:
+    """Where ``--help``'s text is kept between calls: ``$XDG_CACHE_HOME/eaft-megatron`` (default
+    ``~/.cache``), named by a hash of everything the text depends on: the size and mtime of
+    the modules that define the flags (``train/``, ``megatron/``) and of Megatron-LM's
+    ``arguments.py`` / ``package_info.py``
+    (found without importing megatron), the Python version, the terminal width argparse formats
+    to, ``WORLD_SIZE`` (a default of Megatron's). None when megatron cannot be located."""
+    import hashlib
+    import importlib.util
+    import shutil
+
+    try:
+        spec = importlib.util.find_spec("megatron")
+    except (ImportError, ValueError):
+        return None
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    if not roots:
+        return None
+    files = [Path(roots[0]) / "training" / "arguments.py",
+             Path(roots[0]) / "core" / "package_info.py",
+             *sorted(p for sub in ("train", "megatron")  # where the flags are defined
+                     for p in (Path(__file__).resolve().parents[1] / sub).glob("*.py"))]
+    key = [sys.version, str(shutil.get_terminal_size().columns),
+           os.environ.get("WORLD_SIZE", "1")]
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            return None
+        key.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:20]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "eaft-megatron" / f"train-help-{digest}.txt"
+
+
+def cached_help() -> str | None:
+    """``--help``'s text when an earlier call left it for this installation, else None."""
+    path = _help_cache_file()
+    try:
+        return path.read_text() if path is not None else None
+    except OSError:
+        return None
+
+
+def help_text() -> str:
+    """The trainer's ``--help`` (:func:`help_parser`): from the cache (:func:`cached_help`), or
+    formatted (~4 CPU seconds: Megatron-LM's import) and stored for the next call (atomically,
+    replacing older versions; a cache that cannot be written is skipped)."""
+    text = cached_help()
+    if text is not None:
+        return text
+    import warnings
+
+    with warnings.catch_warnings():  # megatron's "Apex is not installed" notices
+        warnings.simplefilter("ignore")
+        text = help_parser().format_help()
+    path = _help_cache_file()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+            for old in path.parent.glob("train-help-*.txt"):
+                if old != path:
+                    old.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        import warnings
-
-        with warnings.catch_warnings():  # megatron's "Apex is not installed" notices
-            warnings.simplefilter("ignore")
-            help_parser().print_help()
+    if wants_help(argv):
+        sys.stdout.write(help_text())
         return 0
 
     import torch

@@ -166,11 +166,19 @@ def test_crafted_metadata_is_refused_before_loading(tmp_path, tiny):
     assert not marker.exists()
 
 
-def test_help_lists_the_eaft_flags():
+def test_help_lists_the_eaft_flags(tmp_path):
+    env = subprocess_env(XDG_CACHE_HOME=str(tmp_path))  # a cache of --help's text of its own
     proc = subprocess.run([sys.executable, "-m", "eaft_megatron.train", "--help"], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
+    [cached] = (tmp_path / "eaft-megatron").glob("train-help-*.txt")
+    again = subprocess.run([sys.executable, "-X", "importtime", "-m", "eaft_megatron.train",
+                            "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and again.stdout == out == cached.read_text()
+    imported = {line.split("|")[-1].strip() for line in again.stderr.splitlines()}
+    assert not {"torch", "megatron.core", "megatron.training"} & imported  # the cached text
     eaft = out[out.index("EAFT (eaft_megatron)"):]
     for flag in ("--loss-type", "--eaft-top-k", "--eaft-alpha", "--eaft-entropy",
                  "--hf-config", "--log-dir"):
