@@ -169,7 +169,7 @@ def fill_from_hf(model, hf_config: Any, hf_dir: str | Path, *, padded_vocab: int
     sharded = model.sharded_state_dict()
     expand_factories(sharded, consume=False)  # fc1 halves: views into the parameter
     targets: dict[str, list] = {}
-    covered = set()
+    covered: dict[int, int] = {}  # storage -> elements the sharded tensors write
     for st in nested_values(tensors_only(sharded)):
         if not isinstance(st, ShardedTensor):
             continue
@@ -182,10 +182,11 @@ def fill_from_hf(model, hf_config: Any, hf_dir: str | Path, *, padded_vocab: int
             raise ValueError(f"no {arch.hf_architecture} table entry for {name!r} "
                              f"(sharded tensor {st.key!r})")
         base = st.data if st.data._base is None else st.data._base
-        covered.add(id(base))
+        covered[id(base)] = covered.get(id(base), 0) + st.data.numel()
         targets.setdefault(local_name[name], []).append((st, id(base) in is_param, part))
-    if uncovered := sorted(k for k, v in state.items() if id(v) not in covered):
-        raise ValueError(f"parameters without a sharded tensor: {uncovered[:8]}")
+    # every element is written (the trainer builds the chunk without random initialisation)
+    if uncovered := sorted(k for k, v in state.items() if covered.get(id(v), 0) < v.numel()):
+        raise ValueError(f"parameters not (wholly) covered by sharded tensors: {uncovered[:8]}")
     first_row = {name: _section_rows(parts) for name, parts in targets.items()}
 
     reader = SafetensorsReader(hf_dir)

@@ -47,6 +47,14 @@ def model_provider(hf_config: Any, pre_process: bool = True, post_process: bool 
     args = get_args()
     if config is None:
         config = core_transformer_config_from_args(args)
+    if hf_weights is not None:
+        # fill_from_hf overwrites every parameter and buffer of the state dict (it refuses a
+        # chunk where it would not): megatron's random initialisation would only cost time
+        # and, on the CPU, full-size temporaries (each TP-split weight is drawn whole).
+        import copy
+
+        config = copy.copy(config)  # (megatron passes one config to every chunk)
+        config.perform_initialization = False
     model = build_gpt_model(hf_config, pre_process=pre_process, post_process=post_process,
                             config=config, vp_stage=vp_stage, pg_collection=pg_collection,
                             padded_vocab=args.padded_vocab_size)
