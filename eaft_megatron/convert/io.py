@@ -194,21 +194,43 @@ def shard_file_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    """One safetensors file of ``tensors`` (in this order), each tensor's bytes written straight
-    from its memory."""
+def safetensors_header(entries: list[tuple[str, torch.dtype, list[int]]],
+                       metadata: dict) -> tuple[bytes, list[int]]:
+    """The bytes before the data of a safetensors file holding ``entries`` (name, dtype, shape)
+    in this order, and each tensor's byte offset in the file."""
     header: dict = {"__metadata__": metadata}
-    offset = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+    offset, offsets = 0, []
+    for name, dtype, shape in entries:
+        numel = 1
+        for d in shape:
+            numel *= d
+        n = numel * dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + n]}
+        offsets.append(offset)
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    prefix = len(raw).to_bytes(8, "little") + raw
+    return prefix, [len(prefix) + o for o in offsets]
+
+
+def write_at(fd: int, data: torch.Tensor | bytes, position: int) -> None:
+    """Write ``data`` (bytes, or a contiguous CPU tensor's memory) at ``position`` of the open
+    file ``fd``."""
+    view = _bytes_view(data) if isinstance(data, torch.Tensor) else memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], position + done)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """One safetensors file of ``tensors`` (in this order), each tensor's bytes written straight
+    from its memory."""
+    prefix, _ = safetensors_header([(n, t.dtype, list(t.shape)) for n, t in tensors.items()],
+                                   metadata)
     with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        f.write(prefix)
         for t in tensors.values():
             if t.numel():
                 f.write(_bytes_view(t))

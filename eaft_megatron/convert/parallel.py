@@ -13,19 +13,23 @@ spread over the ``.distcp`` files differs. The parent then writes ``hf/`` and th
 record as a one-process conversion does. Per worker: its share plus the largest full tensor
 the table builds for it (a fused QKV, the vocabulary).
 
-``megatron-to-hf``: the export writes the same shards as one process (``max_shard_bytes``
-cuts the output stream at the same tensors, :class:`~.io.ShardedSafetensorsWriter`'s rule),
-so the shards are shared out: every worker
+``megatron-to-hf``: the export writes the same files as one process (``max_shard_bytes``
+cuts the output stream at the same tensors, :class:`~.io.ShardedSafetensorsWriter`'s rule,
+and a shard's header follows from the names, dtypes and shapes alone), so its tensors are
+shared out: every worker
 
 1. builds the TP=1/PP=1 model without initialising it (its parameters are never touched, so
    they cost address space, not memory) and runs the architecture's mapping once on meta
-   tensors: the HF tensors in output order, their sizes, and the Megatron parameters each
-   one is made from;
-2. takes a contiguous run of whole shards, about 1/N of the bytes (:func:`shares`);
-3. loads from the torch_dist checkpoint only the parameters its shards are made from
-   (``load_model_weights(names=...)``; a parameter feeding shards of two workers, e.g. a fused
-   QKV cut by a shard boundary, is read by both), runs the mapping again, real where it holds
-   the parameters and on meta elsewhere, and writes its shard files under their final names.
+   tensors: the HF tensors in output order, their dtypes and shapes, and the Megatron
+   parameters each one is made from; hence every shard's header and each tensor's place;
+2. takes a contiguous run of output tensors, about 1/N of the bytes (:func:`shares`);
+3. loads from the torch_dist checkpoint only the parameters its tensors are made from
+   (``load_model_weights(names=...)``; a parameter feeding tensors of two workers, e.g. a
+   fused QKV, is read by both), runs the mapping again, real where it holds the parameters
+   and on meta elsewhere, and writes each tensor at its place in its shard file (final name,
+   opened without truncation: a shard cut between two workers is written by both; the
+   worker with a shard's first tensor writes its header). Nothing is held beyond the
+   parameters and the tensor being written.
 
 The workers form one gloo world (rendezvous through a store held by the parent) for the
 torch_dist load or save, collectives in megatron-core; they count the tensors done in the
@@ -34,10 +38,9 @@ store, which the parent shows as the one-process progress bar. The parent writes
 :func:`~eaft_megatron.paths.atomic_output` temporary as a one-process export: the output
 appears only when every worker finished. A worker that fails or dies (kill -9) stops the
 others and the temporary is removed; the workers die with the parent
-(``compat.processes.die_with_parent``). The files are bit-identical to ``--nproc 1``. A
-checkpoint whose export is a single shard (below ``max_shard_bytes``) has nothing to share:
-one worker does it all. ``--nproc`` above the number of the model's parameter tensors is
-refused (:func:`check_nproc`).
+(``compat.processes.die_with_parent``). The files are bit-identical to ``--nproc 1``.
+``--nproc`` above the number of the model's parameter tensors is refused
+(:func:`check_nproc`).
 """
 
 from __future__ import annotations
@@ -138,8 +141,8 @@ def shares(sizes: list[int], nproc: int) -> list[int]:
 
 
 def _plan(arch, config, params: dict, out_dtype, extra: Path | None, max_shard_bytes: int):
-    """The export on meta tensors: [(hf name, nbytes, Megatron names it is made from)] in
-    output order, and the shard index of each."""
+    """The export on meta tensors: [(hf name, nbytes, Megatron names it is made from, mapping
+    step, dtype, shape)] in output order, the shard index of each, the step of each take."""
     from .. import models
     from .convert import KEEP_FP32_HF, mapped
     from .io import ST_DTYPES
@@ -159,8 +162,8 @@ def _plan(arch, config, params: dict, out_dtype, extra: Path | None, max_shard_b
         if taken:  # the outputs after a run of takes are made from those parameters
             deps, taken, group = frozenset(taken), [], group + 1
         keep = name.endswith(KEEP_FP32_HF) and t.dtype == torch.float32
-        size = torch.empty((), dtype=torch.float32 if keep else out_dtype).element_size()
-        outputs.append((name, t.numel() * size, deps, group))
+        dtype = torch.float32 if keep else out_dtype
+        outputs.append((name, t.numel() * dtype.itemsize, deps, group, dtype, list(t.shape)))
     used = set().union(*(o[2] for o in outputs))
     if unused := sorted(set(params) - used):
         raise ConversionError(f"Megatron parameters not consumed by the {arch.hf_architecture} "
@@ -171,13 +174,13 @@ def _plan(arch, config, params: dict, out_dtype, extra: Path | None, max_shard_b
         with safe_open(str(extra), "pt") as f:
             for name in f.keys():
                 s = f.get_slice(name)
-                numel = 1
+                dtype, numel = ST_DTYPES[s.get_dtype()], 1
                 for d in s.get_shape():
                     numel *= d
-                size = torch.empty((), dtype=ST_DTYPES[s.get_dtype()]).element_size()
-                outputs.append((name, numel * size, frozenset(), -1))
+                outputs.append((name, numel * dtype.itemsize, frozenset(), -1, dtype,
+                                list(s.get_shape())))
     shard, pending, of = 0, 0, []  # ShardedSafetensorsWriter.add's rule
-    for _, nbytes, _, _ in outputs:
+    for _, nbytes, *_ in outputs:
         if pending and pending + nbytes > max_shard_bytes:
             shard, pending = shard + 1, 0
         pending += nbytes
@@ -268,7 +271,7 @@ def _export_share(tmp: Path, rank: int, spec: dict, bar: _StoreProgress) -> None
         model_parameters,
         non_finite_tensors,
     )
-    from .io import shard_file_name, write_safetensors
+    from .io import safetensors_header, shard_file_name, write_at
 
     nproc, iter_dir = spec["nproc"], Path(spec["iter_dir"])
     out_dtype, ckpt_dtype = getattr(torch, spec["out_dtype"]), getattr(torch, spec["ckpt_dtype"])
@@ -286,11 +289,8 @@ def _export_share(tmp: Path, rank: int, spec: dict, bar: _StoreProgress) -> None
         outputs, shard_of, take_groups = _plan(arch, config, params, out_dtype, extra,
                                   spec["max_shard_bytes"])
         count = shard_of[-1] + 1 if shard_of else 1
-        sizes = [0] * count
-        for (_, nbytes, _, _), s in zip(outputs, shard_of):
-            sizes[s] += nbytes
-        owner = shares(sizes, nproc)
-        mine = {o[0]: s for o, s in zip(outputs, shard_of) if owner[s] == rank}
+        owner = shares([o[1] for o in outputs], nproc)
+        mine = {o[0] for o, w in zip(outputs, owner) if w == rank}
         needed = set().union(*(o[2] for o in outputs if o[0] in mine))
         # the mapping's steps with an output of this worker's: real there, meta elsewhere
         real = {o[3] for o in outputs if o[0] in mine}
@@ -316,37 +316,50 @@ def _export_share(tmp: Path, rank: int, spec: dict, bar: _StoreProgress) -> None
             raise ConversionError(f"mapping asked for {name!r}, which the model does not have")
         return metas[name]
 
-    left = {s: sum(1 for n in mine if mine[n] == s) for s in set(mine.values())}
-    pending: dict[int, dict[str, torch.Tensor]] = {s: {} for s in left}
+    # Where each tensor goes: the shard files' headers and offsets, known to every worker.
+    where: dict[str, tuple[int, int]] = {}  # name -> (shard, byte position in its file)
+    headers: dict[int, bytes] = {}
+    for shard in range(count):
+        entries = [o for o, s in zip(outputs, shard_of) if s == shard]
+        headers[shard], positions = safetensors_header([(o[0], o[4], o[5]) for o in entries],
+                                                       {"format": "pt"})
+        where.update({o[0]: (shard, pos) for o, pos in zip(entries, positions)})
+    files: dict[int, int] = {}
     weight_map, total = {}, 0
 
     def add(name: str, tensor: torch.Tensor) -> None:
         nonlocal total
-        s = mine[name]
+        shard, position = where[name]
         if tensor.device.type == "meta":
             raise ConversionError(f"--nproc: {name} depends on parameters the mapping took "
                                   f"before the ones it was attributed to; use --nproc 1")
-        pending[s][name] = tensor.detach().cpu().contiguous()
+        if shard not in files:  # (several workers write into one file: never truncated)
+            files[shard] = os.open(tmp / shard_file_name(shard, count),
+                                   os.O_WRONLY | os.O_CREAT, 0o666)
+            if next(o[0] for o, s in zip(outputs, shard_of) if s == shard) in mine:
+                write_at(files[shard], headers[shard], 0)
+        write_at(files[shard], tensor.detach().cpu().contiguous(), position)
         total += tensor.numel() * tensor.element_size()
-        left[s] -= 1
-        if not left[s]:
-            write_safetensors(tmp / shard_file_name(s, count), pending.pop(s), {"format": "pt"})
-            weight_map.update({n: shard_file_name(s, count) for n, o in mine.items() if o == s})
+        weight_map[name] = shard_file_name(shard, count)
 
-    for name, tensor in mapped(models.megatron_to_hf(arch, config, take, te=False)):
-        if name in mine:
-            keep = name.endswith(KEEP_FP32_HF) and tensor.dtype == torch.float32
-            add(name, tensor if keep else tensor.to(out_dtype))
-            bar.update(1)
-        del tensor
-    if extra is not None:
-        from safetensors import safe_open
+    try:
+        for name, tensor in mapped(models.megatron_to_hf(arch, config, take, te=False)):
+            if name in mine:
+                keep = name.endswith(KEEP_FP32_HF) and tensor.dtype == torch.float32
+                add(name, tensor if keep else tensor.to(out_dtype))
+                bar.update(1)
+            del tensor
+        if extra is not None:
+            from safetensors import safe_open
 
-        with safe_open(str(extra), "pt") as f:
-            for name in f.keys():
-                if name in mine:
-                    add(name, f.get_tensor(name))
-    if pending:
+            with safe_open(str(extra), "pt") as f:
+                for name in f.keys():
+                    if name in mine:
+                        add(name, f.get_tensor(name))
+    finally:
+        for fd in files.values():
+            os.close(fd)
+    if set(weight_map) != mine:
         raise ConversionError(f"--nproc: worker {rank} did not get all of its tensors")
     _result(tmp, rank, "json").write_text(json.dumps({"weight_map": weight_map, "bytes": total}))
 
