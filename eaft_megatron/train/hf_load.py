@@ -6,8 +6,9 @@
 A directory holding ``config.json`` and no Megatron tracker is a Hugging Face model
 (:func:`is_hf_model_dir`); :mod:`.restart` makes it the starting point exactly where a converted
 checkpoint would be (``--save`` resumes first). Megatron-LM then gets no ``--load``: the model
-provider (``steps.model_provider``) builds each model chunk at the job's TP/PP/EP layout and
-:func:`fill_from_hf` fills it before Megatron wraps it and builds the optimizer.
+provider (``steps.model_provider``) builds each model chunk at the job's TP/PP/EP layout
+(without random initialisation: every element is overwritten) and :func:`fill_from_hf` fills
+it before Megatron wraps it and builds the optimizer.
 
 Each rank reads only the tensors its chunk needs: for every ``ShardedTensor`` of the chunk's
 ``sharded_state_dict()`` (megatron-core's own description of which part of which global tensor
