@@ -6,6 +6,7 @@
     python benchmarks/bench_convert.py --moe           # Qwen3-MoE ~1B, 128 experts of 128
     python benchmarks/bench_convert.py --moe --dtype fp32 --experts 64 --moe-ffn 256
     python benchmarks/bench_convert.py --qwen35        # Qwen3.5-0.8B-shaped gated-DeltaNet hybrid
+    python benchmarks/bench_convert.py --nproc 1 2 4   # both directions at --nproc 1, 2, 4
 
 A synthetic Qwen3-architecture HF model (random bf16 weights, sharded safetensors, no
 download) is written first; then ``eaft-megatron convert hf-to-megatron --tp 2`` and
@@ -26,6 +27,15 @@ Results go to ``benchmarks/results/convert_moe_cpu.csv`` (appended per ``--dtype
 DeltaNet, hidden 1024, vocabulary 248320, tied; ~0.75B parameters), names and shapes taken from
 transformers' own model built on the meta device. Results go to
 ``benchmarks/results/convert_qwen35_cpu.csv``.
+
+``--nproc 1 2 4``: each direction at each ``--nproc`` (one vocabulary, the padded one; the
+exports read the conversion of the first N), with the columns ``nproc``,
+``worker_peak_rss_gib`` (the largest worker), ``peak_above_imports_gib`` (the largest process,
+parent or worker, minus the parent's RSS after its imports: a worker's own fixed cost -- gloo,
+the store, the model built without memory -- is counted as conversion memory, so this
+overstates a worker's share) and ``target_gib`` (issue 21's bound, 1.15 x checkpoint / N +
+0.5 GiB). Results go to ``benchmarks/results/convert_nproc_cpu.csv`` (``--moe``:
+``convert_moe_nproc_cpu.csv``).
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -219,16 +230,19 @@ def main() -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="checkpoint dtype (--moe only; the dense rows are bf16)")
     p.add_argument("--nproc", type=int, nargs="+", default=[1],
-                   help="megatron-to-hf --nproc values to measure, e.g. 1 2 4 (adds the "
-                        "columns nproc and worker_peak_rss_gib; a worker's imports are taken "
-                        "to cost what the parent's do)")
+                   help="--nproc values to measure in both directions, e.g. 1 2 4 (one "
+                        "vocabulary; adds the columns nproc, worker_peak_rss_gib, "
+                        "peak_above_imports_gib, target_gib)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None, help="CSV (default results/convert_cpu.csv, --moe: "
                                                "results/convert_moe_cpu.csv)")
     args = p.parse_args()
     results = Path(__file__).parent / "results"
     kind = "moe" if args.moe else "qwen35" if args.qwen35 else None
-    out = Path(args.out or results / (f"convert_{kind}_cpu.csv" if kind else "convert_cpu.csv"))
+    nprocs = args.nproc != [1]
+    default = f"convert_{kind}_cpu.csv" if kind else "convert_cpu.csv"
+    out = Path(args.out or results / (default.replace("_cpu", "_nproc_cpu") if nprocs
+                                      else default))
     layers = args.layers or {"moe": 12, "qwen35": 24}.get(kind, 16)
     hidden = args.hidden or {"moe": 1024, "qwen35": 1024}.get(kind, 2048)
 
@@ -236,7 +250,8 @@ def main() -> None:
     rows = []
     if args.qwen35 and args.vocab == p.get_default("vocab"):
         args.vocab = 248320  # Qwen3.5's vocabulary
-    vocabs = (args.vocab,) if kind else (args.vocab, args.vocab // (256 * tp) * 256 * tp)
+    vocabs = ((args.vocab,) if kind or nprocs else
+              (args.vocab, args.vocab // (256 * tp) * 256 * tp))
     for vocab in vocabs:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             tmp = Path(tmp)
@@ -258,18 +273,25 @@ def main() -> None:
                     f"print(padded_vocab_size({vocab}, {tp}))")]))
                 described = dict(vocab=vocab, padded_vocab=padded, tied=not args.untied)
             itemsize = 4 if args.moe and args.dtype == "float32" else 2
-            runs = [("hf-to-megatron", 1, ["hf-to-megatron", "--hf", str(tmp / "hf"),
-                                           "--out", str(tmp / "mcore"), "--tp", str(tp)])]
-            runs += [("megatron-to-hf", n, ["megatron-to-hf", "--megatron", str(tmp / "mcore"),
-                                            "--out", str(tmp / f"hf_out{n}"), "--nproc",
-                                            str(n)]) for n in args.nproc]
-            for direction, nproc, argv in runs:
+            first = args.nproc[0]  # the exports read this conversion
+            runs = [("hf-to-megatron", n, tmp / f"mcore{n}",
+                     ["hf-to-megatron", "--hf", str(tmp / "hf"), "--out", str(tmp / f"mcore{n}"),
+                      "--tp", str(tp), "--nproc", str(n)]) for n in args.nproc]
+            runs += [("megatron-to-hf", n, tmp / f"hf_out{n}",
+                      ["megatron-to-hf", "--megatron", str(tmp / f"mcore{first}"),
+                       "--out", str(tmp / f"hf_out{n}"), "--nproc", str(n)])
+                     for n in args.nproc]
+            for direction, nproc, result, argv in runs:
                 r = run_child(argv)
+                if result != tmp / f"mcore{first}":  # (disk: only the exports' input stays)
+                    shutil.rmtree(result)
                 if nproc > 1:  # the largest process is a worker
                     r["peak"] = max(r["peak"], r["worker_peak"])
-                extra = ({} if args.nproc == [1] else
-                         dict(nproc=nproc, worker_peak_rss_gib=round(r["worker_peak"] / 2**30, 2)
-                              if nproc > 1 else ""))
+                extra = ({} if not nprocs else dict(
+                    nproc=nproc, worker_peak_rss_gib=round(r["worker_peak"] / 2**30, 2)
+                    if nproc > 1 else "",
+                    peak_above_imports_gib=round((r["peak"] - r["baseline"]) / 2**30, 2),
+                    target_gib=round((1.15 * size / nproc + 2**29) / 2**30, 2)))
                 rows.append(dict(
                     direction=direction, **extra, **described,
                     params_b=round(size / itemsize / 1e9, 3),
