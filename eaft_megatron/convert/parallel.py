@@ -108,6 +108,8 @@ def run_workers(tmp: Path, nproc: int, spec: dict, *, progress=None) -> None:
                 how = (f"was killed by signal {-p.returncode}" if p.returncode < 0
                        else f"exited with status {p.returncode}")
                 raise ConversionError(f"--nproc {nproc}: worker {rank} {how}; nothing written")
+        if progress is not None:  # (the last counts, reported after the last poll)
+            progress.update(store.add(_PROGRESS, 0) - shown)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -127,7 +129,7 @@ def run_workers(tmp: Path, nproc: int, spec: dict, *, progress=None) -> None:
 
 
 def shares(sizes: list[int], nproc: int) -> list[int]:
-    """The worker of each item (an output shard, a parameter): contiguous runs, each about
+    """The worker of each item (an output tensor, a parameter): contiguous runs, each about
     1/nproc of the bytes (an item goes to the worker whose share holds its middle byte), and
     every worker has at least one item when there are nproc or more."""
     total, start, owners, previous = max(sum(sizes), 1), 0, [], -1
