@@ -8,6 +8,8 @@ import pytest
 
 from tests.support.launch import build_tiny
 
+pytest_plugins = ["tests.support.cpu_accounting"]  # CPU per test, when asked (docs/testing.md)
+
 
 @pytest.fixture(scope="session")
 def tiny_inputs(tmp_path_factory) -> Path:

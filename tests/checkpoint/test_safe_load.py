@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.launch import (ROOT, check, copy_tiny, free_port, run_train,
+from tests.support.launch import (ROOT, check, copy_tiny, free_port, run_module, run_train,
                                   subprocess_env)
 
 COMMON = ["--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-3",
@@ -219,10 +219,8 @@ def test_the_real_command_exits_2_with_one_line_and_writes_nothing(tiny, trained
     distcp = _plant(run / "iter_0000002", "common_state/shard_0_1", _saved(_Payload(marker)))
     save = tmp_path / "new_run"
     before = sorted(p.name for p in tmp_path.iterdir())
-    proc = subprocess.run([sys.executable, "-m", "eaft_megatron.train", "--load", str(run),
-                           "--save", str(save), "--data-path", str(tiny["data"]), *COMMON],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = run_module("eaft_megatron.train", "--load", run, "--save", save,
+                      "--data-path", tiny["data"], *COMMON)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [x for x in proc.stderr.splitlines() if x.startswith("eaft_megatron.train: error")]
     assert lines == [f"eaft_megatron.train: error: {distcp}, entry common_state/shard_0_1, refers "

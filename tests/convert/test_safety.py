@@ -28,6 +28,7 @@ from eaft_megatron.checkpoint import UnsafeCheckpointError as UnsafeMetadataErro
 from eaft_megatron.checkpoint import read_checkpoint_metadata
 from eaft_megatron.cli import main
 from eaft_megatron.convert import checkpoint_tensor_shapes, hf_to_megatron
+from tests.support.launch import run_module
 from tests.support.tiny_models import build
 
 
@@ -66,9 +67,8 @@ def _convert(capsys, *argv) -> tuple[int, str]:
     return rc, (lines[0] if lines else err)
 
 
-def _cli(*argv, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "eaft_megatron", "convert", *map(str, argv)],
-                          capture_output=True, text=True, timeout=600, **kw)
+def _cli(*argv) -> subprocess.CompletedProcess:
+    return run_module("eaft_megatron", "convert", *argv, timeout=600)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,19 @@
-"""Every process the tests start: gloo groups spawned in-process, and torchrun launches.
+"""Every process the tests start: gloo groups spawned in-process, trainer and command launches.
 
-``spawn(fn, world_size, *args)`` starts ``world_size`` processes (spawn start method, so no
-forked OpenMP state), initialises a gloo group in each, calls ``fn(rank, world_size, *args)``
-and returns the per-rank return values (must be picklable). A failure or timeout in any rank
-fails the test with that rank's traceback. Each spawn costs seconds of imports: group several
-checks into one ``fn``.
+``spawn(fn, world_size, *args)`` starts ``world_size`` processes, initialises a gloo group in each,
+calls ``fn(rank, world_size, *args)`` and returns the per-rank return values (must be
+picklable). The processes are forked from a fork server that imported torch and megatron once
+(:mod:`tests.support.preload`) and ran nothing, so no OpenMP state; with ``env`` they are fresh
+interpreters instead, for what must be in the environment at start-up. A failure or timeout in
+any rank fails the test with that rank's traceback. Group several checks into one ``fn``.
 
-``run_train(log_dir, *args, nproc=...)`` runs ``python -m eaft_megatron.train`` under torchrun
-(real gloo groups, Megatron's own loop) and reads back its ``metrics.jsonl``; ``torchrun(...)`` is
-the command line every torchrun launch in the tests uses; ``subprocess_env()`` the environment of
-every child.
+``run_module(module, *args, nproc=N)`` runs ``python -m module`` (one process, or ``N`` ranks as
+torchrun starts them) forked from the session's zygote (:mod:`tests.support.zygote`), which saves
+each process ~5 s of imports; ``run_train(log_dir, *args, nproc=...)`` runs the trainer that way
+(real gloo groups, Megatron's own loop) and reads back its ``metrics.jsonl``. ``torchrun(...)`` is
+the command line of the tests that launch real torchrun (its exit status, its signal handling,
+kill -9 of a job); ``subprocess_env()`` the environment of every child. ``EAFT_TESTS_TORCHRUN=1``
+makes every launch a real torchrun / fresh interpreter again (slower; same tests).
 """
 
 from __future__ import annotations
@@ -62,10 +66,21 @@ def _worker(rank, world_size, port, fn, args, env, results):
             dist.destroy_process_group()
 
 
+def _context(fresh: bool):
+    """Fresh interpreters (``spawn``) when the children need an environment at start-up or real
+    launches are asked for (``EAFT_TESTS_TORCHRUN=1``); otherwise children forked from the
+    session's fork server, which imported :mod:`tests.support.preload` once."""
+    if fresh or os.environ.get("EAFT_TESTS_TORCHRUN") == "1":
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["tests.support.preload"])
+    return ctx
+
+
 def spawn(
     fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600, env=None
 ) -> list[Any]:
-    ctx = mp.get_context("spawn")
+    ctx = _context(fresh=bool(env))
     results = ctx.Queue()
     port = free_port()
     procs = [
@@ -130,8 +145,7 @@ class Run:
 
 def build_tiny(root: Path) -> dict:
     """``fixtures.py``'s tiny Qwen3 (HF + converted checkpoint) and data, built in a child."""
-    subprocess.run([sys.executable, "-m", "tests.support.fixtures", str(root)], cwd=ROOT,
-                   env=subprocess_env(), check=True, capture_output=True, timeout=300)
+    run_module("tests.support.fixtures", root, check=True)
     return tiny_paths(root)
 
 
@@ -147,12 +161,70 @@ def copy_tiny(built: Path, root: Path) -> dict:
     return tiny_paths(root)
 
 
+_ZYGOTE = None
+
+
+def zygote():
+    """The session's :class:`tests.support.zygote.Zygote` (started on first use), or None when
+    ``EAFT_TESTS_TORCHRUN=1`` asks for real torchrun launches everywhere or it cannot serve."""
+    global _ZYGOTE
+    if os.environ.get("EAFT_TESTS_TORCHRUN") == "1":
+        return None
+    if _ZYGOTE is None:
+        import atexit
+
+        from tests.support.zygote import Zygote
+
+        _ZYGOTE = Zygote(subprocess_env())
+        atexit.register(_ZYGOTE.close)
+        if not _ZYGOTE.ok:
+            print(f"tests: zygote unavailable ({_ZYGOTE.error}); launching torchrun",
+                  file=sys.stderr)
+    return _ZYGOTE if _ZYGOTE.ok else None
+
+
+def run_module(module: str, *args: str, nproc: int | None = None, cwd: Path = ROOT,
+               timeout: float = 300, check: bool = False,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m module args`` (``nproc=None``), or ``N`` ranks of it as torchrun would start
+    them (``nproc=N``), forked from the session's zygote; ``subprocess.run`` / torchrun when
+    there is none. Returns the exit status, stdout and stderr (ranks' output interleaved);
+    ``check=True`` raises on a non-zero status, with the output. ``env`` adds to
+    :func:`subprocess_env`.
+    Tests of torchrun's own behaviour (its exit status and summary, signals through its agent)
+    launch ``torchrun(...)`` themselves."""
+    env = subprocess_env(**(env or {}))
+    server = zygote()
+    if server is None:
+        cmd = [sys.executable, "-m", module, *args] if nproc is None else \
+            torchrun("-m", module, *args, nproc=nproc)
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    else:
+        proc = _zygote_run(server, module, args, nproc=nproc, env=env, cwd=cwd, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"python -m {module} {' '.join(map(str, args))} exited "
+                             f"{proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _zygote_run(server, module, args, *, nproc, env, cwd, timeout):
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="eaft-launch-") as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        code = server.launch(module, [str(a) for a in args], nproc=nproc or 1, env=env,
+                             cwd=str(cwd), stdout=str(out), stderr=str(err), port=free_port(),
+                             timeout=timeout, distributed=nproc is not None)
+        read = lambda p: p.read_text(errors="replace") if p.exists() else ""  # noqa: E731
+        return subprocess.CompletedProcess([module, *args], code, read(out), read(err))
+
+
 def run_train(log_dir: Path, *args: str, nproc: int = 1, timeout: float = 300) -> Run:
-    """Launch the trainer; ``log_dir`` is passed as ``--log-dir`` (metrics.jsonl)."""
-    cmd = torchrun("-m", "eaft_megatron.train", "--log-dir", str(log_dir), "--num-workers", "0",
-                   *args, nproc=nproc)
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    """Launch the trainer (``nproc`` ranks, see :func:`run_module`); ``log_dir`` is passed as
+    ``--log-dir`` (metrics.jsonl)."""
+    proc = run_module("eaft_megatron.train", "--log-dir", str(log_dir), "--num-workers", "0",
+                      *args, nproc=nproc, timeout=timeout)
     metrics = Path(log_dir) / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()] \
         if metrics.is_file() else []

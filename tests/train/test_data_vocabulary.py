@@ -6,15 +6,13 @@ loss), a recorded tokenizer larger than the vocabulary; a far smaller one is a w
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from eaft_megatron.data import preprocess
 from tests.support.data import CHATML_SPECIAL, CHATML_TEMPLATE, save_hf_dir, train_bpe, write_jsonl
-from tests.support.launch import ROOT, subprocess_env
+from tests.support.launch import run_module
 from tests.support.tiny_models import TRAIN_VOCAB, train_config
 
 CHAT = [{"messages": [{"role": "user", "content": "the quick brown fox jumps over the lazy dog"},
@@ -66,10 +64,8 @@ def test_ids_beyond_the_vocabulary_stop_the_trainer_in_one_line(setup):
     top = int(tokens.max())  # independent of the recorded value
     assert summary["max_token_id"] == top >= TRAIN_VOCAB
     save = setup["chat"].parent / "run"
-    res = subprocess.run([sys.executable, "-m", "eaft_megatron.train", "--hf-config",
-                          str(setup["models"][TRAIN_VOCAB]), "--data-path", str(setup["chat"]),
-                          "--save", str(save), *TRAIN], cwd=ROOT, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=300)
+    res = run_module("eaft_megatron.train", "--hf-config", setup["models"][TRAIN_VOCAB],
+                     "--data-path", setup["chat"], "--save", save, *TRAIN)
     assert res.returncode == 2, res.stderr[-3000:]
     # torch's own "No CUDA runtime is found" notice may come first, nothing after the line
     lines = [x for x in res.stderr.splitlines() if x.strip() and "No CUDA runtime" not in x]

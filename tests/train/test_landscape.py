@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.support.launch import ROOT, check, run_train
+from tests.support.launch import check, run_train, run_module
 
 SEQ = 64
 PLANTED = {("a.jsonl", 6), ("b.jsonl", 4), ("b.jsonl", 12)}  # (file, line)
@@ -214,9 +211,6 @@ def test_landscape_over_layouts(tiny, runs):
 def test_plot_two_landscapes(tiny, runs):
     a, b = (tiny["root"] / f"run_{x}" / "landscape" for x in ("1_1_1", "1_1_2"))
     out = tiny["root"] / "cmp.png"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "eaft_megatron.cli", "landscape", str(a),
-                           str(b), "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = run_module("eaft_megatron.cli", "landscape", a, b, "--out", out, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert out.stat().st_size > 1000 and "confident conflicts" in proc.stdout

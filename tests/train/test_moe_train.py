@@ -50,7 +50,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.launch import ROOT, check, run_train, subprocess_env
+from tests.support.launch import ROOT, check, run_train, subprocess_env, run_module
 
 REL = 1e-5
 RATE = 1e-3  # megatron-core's default --moe-router-bias-update-rate (the trainer keeps it)
@@ -93,10 +93,8 @@ def _common(tiny) -> list[str]:
 def _export(tiny, run: str) -> Path:
     out = tiny["root"] / f"{run}_hf_export"
     if not out.exists():
-        subprocess.run([sys.executable, "-m", "eaft_megatron", "convert", "megatron-to-hf",
-                        "--megatron", str(tiny["root"] / run), "--out", str(out),
-                        "--dtype", "fp32"], cwd=ROOT, env=subprocess_env(), check=True,
-                       capture_output=True, timeout=300)
+        run_module("eaft_megatron", "convert", "megatron-to-hf", "--megatron",
+                   tiny["root"] / run, "--out", out, "--dtype", "fp32", check=True)
     return out
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.launch import ROOT, check, run_train, subprocess_env
+from tests.support.launch import ROOT, check, run_train, subprocess_env, run_module
 
 
 CASES = ("glm4_moe_lite", "qwen3_5_moe", "qwen3_next")
@@ -77,10 +77,8 @@ def trained(request, built):
         "--global-batch-size", "8", "--data-path", str(data), "--lr", "3e-3",
         "--min-lr", "3e-3", "--lr-decay-style", "constant", "--log-interval", "1", "--seed",
         "1234", "--loss-type", "eaft", nproc=2))
-    subprocess.run([sys.executable, "-m", "eaft_megatron", "convert", "megatron-to-hf",
-                    "--megatron", str(root / "run"), "--out", str(root / "export"),
-                    "--dtype", "fp32"], cwd=ROOT, env=subprocess_env(), check=True,
-                   capture_output=True, timeout=300)
+    run_module("eaft_megatron", "convert", "megatron-to-hf", "--megatron", root / "run",
+               "--out", root / "export", "--dtype", "fp32", check=True)
     return dict(root=root, run=run, data=data)
 
 

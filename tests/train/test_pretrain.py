@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.support.launch import ROOT, check, copy_tiny, run_train, subprocess_env
+from tests.support.launch import check, copy_tiny, run_train, run_module
 
 REL = 1e-5
 TOP_K = 20
@@ -169,10 +167,8 @@ def test_eaft_training_lowers_the_loss(straight, evaluated):
 
 def test_trainer_checkpoint_converts_back_to_hf(tiny, straight):
     out = tiny["root"] / "hf_trained"
-    subprocess.run([sys.executable, "-m", "eaft_megatron", "convert", "megatron-to-hf",
-                    "--megatron", str(tiny["root"] / "straight"), "--out", str(out),
-                    "--dtype", "fp32"], cwd=ROOT, env=subprocess_env(), check=True,
-                   capture_output=True, timeout=300)
+    run_module("eaft_megatron", "convert", "megatron-to-hf", "--megatron",
+               tiny["root"] / "straight", "--out", out, "--dtype", "fp32", check=True)
     ref = _hf_reference(out, tiny["data"])
     assert straight.of("valid")[-1]["lm_loss"] == pytest.approx(ref["ce"], rel=REL)
 

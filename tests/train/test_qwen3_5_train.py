@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.launch import ROOT, check, run_train, subprocess_env
+from tests.support.launch import ROOT, check, run_train, subprocess_env, run_module
 
 REL = 1e-4
 COMMON = ("--tensor-model-parallel-size", "2", "--lr", "3e-3", "--min-lr", "3e-3",
@@ -90,9 +90,8 @@ def test_training_lowers_the_loss_and_exports(tiny):
     losses = [run.train()[i]["lm_loss"] for i in range(1, 7)]
     assert losses[-1] < losses[0], losses
     exported = tiny["root"] / "exported"
-    subprocess.run([sys.executable, "-m", "eaft_megatron", "convert", "megatron-to-hf",
-                    "--megatron", str(out), "--out", str(exported), "--dtype", "fp32"],
-                   cwd=ROOT, env=subprocess_env(), check=True, capture_output=True, timeout=300)
+    run_module("eaft_megatron", "convert", "megatron-to-hf", "--megatron", out,
+               "--out", exported, "--dtype", "fp32", check=True)
     final = run.of("valid")[-1]
     assert final["iteration"] == 6
     ref = _reference(exported, tiny["data"])

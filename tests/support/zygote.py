@@ -1,0 +1,280 @@
+"""A Python that has already imported torch, megatron and the trainer, and forks the tests' runs.
+
+Almost all of a test launch's cost is start-up: every trainer rank imports torch, megatron-core,
+megatron's training package and transformers (~6 of its ~8 CPU seconds), and torchrun's parent
+imports torch again. The zygote pays that once per pytest session. ``launch(module, args,
+nproc=N, ...)`` asks it to fork ``N`` processes that each run ``python -m module args`` as a
+torchrun worker would (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT`` set; a failed rank makes the launcher stop the others, as
+torchrun does). The ranks are real processes in a real gloo group running the real entry point
+(``runpy``, ``__name__ == "__main__"``); only the interpreter start-up is shared.
+
+What torchrun itself does (its exit status, its failure summary, signals reaching the workers
+through its agent) is not what these launches test: tests of those keep launching real torchrun
+(``tests.support.launch.torchrun``).
+
+Fork safety: the zygote imports modules and runs nothing, so it holds one thread when it forks
+(checked at start: a module that starts a thread at import makes the zygote refuse to serve and
+the tests fall back to torchrun).
+
+Protocol (a Unix socket in a private temporary directory): one JSON line per request
+``{"module", "args", "nproc", "env", "cwd", "stdout", "stderr", "port"}``; the handler answers
+``{"pid": ...}`` (its process group, for killing on timeout), then ``{"returncode": ...}`` when
+the ranks are done.
+
+    python -m tests.support.zygote SOCKET     # serve (started by ``Zygote()``)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+class ChildExit(BaseException):
+    """Raised in a forked rank to unwind to the top and leave through the normal interpreter
+    shutdown (atexit handlers, non-daemon threads joined, streams flushed)."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``): a killed pytest
+    takes the zygote, its launchers and their ranks with it, leaving no orphan."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the call
+        os._exit(1)
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _run_rank(module: str, args: list[str], env: dict, cwd: str, stdout: str,
+              stderr: str) -> None:
+    """In the forked rank: become ``python -m module args`` and never return."""
+    import runpy
+
+    _die_with_parent()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for target, path in ((1, stdout), (2, stderr)):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, target)
+        os.close(fd)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sys.argv = [module, *args]
+    code = 0
+    profile = None
+    if env.get("EAFT_ZYGOTE_PROFILE"):  # a directory: cProfile each rank (finding test costs)
+        import cProfile
+
+        profile = cProfile.Profile()
+        profile.enable()
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        if exc.code is None:
+            code = 0
+        elif isinstance(exc.code, int):
+            code = exc.code
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - as the interpreter would: traceback, exit 1
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(os.path.join(env["EAFT_ZYGOTE_PROFILE"], f"rank-{os.getpid()}.prof"))
+    raise ChildExit(code)
+
+
+def _handle(conn: socket.socket) -> None:
+    """In a forked handler: fork the ranks of one request, wait, answer."""
+    _die_with_parent()
+    os.setsid()  # one process group: the client kills it whole on timeout
+    stream = conn.makefile("rw")
+    req = json.loads(stream.readline())
+    stream.write(json.dumps({"pid": os.getpid()}) + "\n")
+    stream.flush()
+    nproc = int(req["nproc"])
+    env = dict(req["env"])
+    if nproc > 1 or "MASTER_ADDR" in env:
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(req["port"]),
+                   WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0",
+                   TORCHELASTIC_RUN_ID="zygote")
+    pids = {}
+    for rank in range(nproc):
+        pid = os.fork()
+        if pid == 0:
+            stream.close()
+            conn.close()
+            rank_env = dict(env)
+            if "MASTER_ADDR" in env:
+                rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank))
+            _run_rank(req["module"], req["args"], rank_env, req["cwd"], req["stdout"],
+                      req["stderr"])
+        pids[pid] = rank
+    returncode = 0
+    cpu = 0.0
+    while pids:
+        pid, status, usage = os.wait4(-1, 0)
+        cpu += usage.ru_utime + usage.ru_stime
+        pids.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 and returncode == 0:
+            returncode = code
+            for other in pids:  # as torchrun: one failed worker stops the group
+                try:
+                    os.kill(other, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 10
+            while pids and time.monotonic() < deadline:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if pid:
+                    pids.pop(pid, None)
+                else:
+                    time.sleep(0.05)
+            for other in pids:
+                os.kill(other, signal.SIGKILL)
+    stream.write(json.dumps({"returncode": returncode, "cpu": cpu}) + "\n")
+    stream.flush()
+
+
+def serve(path: str) -> None:
+    _die_with_parent()
+    import tests.support.preload  # noqa: F401 - the imports every child skips
+    threads = _threads()
+    if threads != 1:
+        print(json.dumps({"error": f"{threads} threads after the imports: forking is unsafe"}),
+              flush=True)
+        return
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(16)
+
+    def stop(signum, frame):
+        raise _Stop
+
+    signal.signal(signal.SIGTERM, stop)
+    print(json.dumps({"ready": True}), flush=True)
+    try:
+        while True:
+            conn, _ = server.accept()
+            if os.fork() == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                server.close()
+                _handle(conn)
+                raise ChildExit(0)
+            conn.close()
+            while True:  # reap finished handlers (their CPU time adds up to ours, and pytest's)
+                try:
+                    if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                        break
+                except ChildProcessError:
+                    break
+    except _Stop:
+        server.close()
+        while True:
+            try:
+                os.wait()
+            except ChildProcessError:
+                break
+
+
+class _Stop(Exception):
+    pass
+
+
+class Zygote:
+    """The client side: ``start()`` once, then ``launch(...)`` per run."""
+
+    def __init__(self, env: dict):
+        self._dir = tempfile.mkdtemp(prefix="eaft-zygote-")
+        self.path = os.path.join(self._dir, "socket")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.zygote", self.path], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        line = self.proc.stdout.readline()
+        status = json.loads(line) if line.strip() else {"error": "the zygote exited"}
+        self.error = status.get("error")
+        self._lock = threading.Lock()
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.proc.poll() is None
+
+    def launch(self, module: str, args: list[str], *, nproc: int, env: dict, cwd: str,
+               stdout: str, stderr: str, port: int, timeout: float,
+               distributed: bool = True) -> int:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self.path)
+        stream = conn.makefile("rw")
+        env = dict(env)
+        if distributed:
+            env.setdefault("MASTER_ADDR", "127.0.0.1")
+        stream.write(json.dumps(dict(module=module, args=list(args), nproc=nproc, env=env,
+                                     cwd=str(cwd), stdout=stdout, stderr=stderr,
+                                     port=port)) + "\n")
+        stream.flush()
+        pid = json.loads(stream.readline())["pid"]
+        conn.settimeout(timeout)
+        try:
+            answer = stream.readline()
+        except (socket.timeout, TimeoutError):
+            os.killpg(pid, signal.SIGKILL)
+            raise subprocess.TimeoutExpired([module, *args], timeout) from None
+        finally:
+            conn.close()
+        if not answer:
+            raise RuntimeError(f"the zygote's launcher {pid} died without an answer")
+        done = json.loads(answer)
+        if os.environ.get("EAFT_ZYGOTE_LOG"):  # a line per launch: module, ranks, CPU seconds
+            with open(os.environ["EAFT_ZYGOTE_LOG"], "a") as log:
+                log.write(json.dumps(dict(module=module, args=list(args)[:6], nproc=nproc,
+                                          cpu=round(done.get("cpu", 0.0), 2))) + "\n")
+        return int(done["returncode"])
+
+    def close(self) -> None:
+        """Stop serving; the zygote reaps its finished launchers first, so that their CPU time
+        counts in pytest's (``/usr/bin/time``)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.rmdir(self._dir)
+
+
+if __name__ == "__main__":
+    try:
+        serve(sys.argv[1])
+    except ChildExit as done:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.exit(done.code)
