@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.support.launch import check, copy_tiny, run_train, spawn
+from tests.support.launch import check, copy_tiny, run_module, run_train, spawn
 
 REL = 1e-5
 COMMON = ("--data-path", None, "--micro-batch-size", "1", "--global-batch-size", "4",
@@ -139,10 +138,9 @@ def test_eval_only_from_hf_dir_tp2_pp2_ep2_probed(tiny, tmp_path):
     provider filled them, are bit-identical to ``convert hf-to-megatron`` + megatron-core's
     sharded load at the same layout (``tests/train/hf_probe.py``, inside this one launch), and
     the evaluation equals transformers' CE on the 24 samples."""
-    import subprocess
 
     from eaft_megatron.convert import hf_to_megatron
-    from tests.support.launch import ROOT, Run, subprocess_env, torchrun
+    from tests.support.launch import Run
     from tests.support.tiny_models import build_moe
     from tests.train.test_pretrain import _hf_reference
 
@@ -150,14 +148,12 @@ def test_eval_only_from_hf_dir_tp2_pp2_ep2_probed(tiny, tmp_path):
     build_moe("glm4_moe", moe)
     converted = hf_to_megatron(moe, tmp_path / "converted", tp=2, pp=2, progress=False)
     out, probe = tmp_path / "eval", tmp_path / "probe"
-    cmd = torchrun("-m", "tests.train.hf_probe", "--log-dir", str(out), "--num-workers", "0",
-                   "--load", str(moe), "--eval-only", *EVAL_ALL,
-                   "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-                   "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
-                   *_common(tiny), nproc=4)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
-                          env=subprocess_env(EAFT_PROBE_CONVERTED=str(converted),
-                                             EAFT_PROBE_OUT=str(probe)))
+    proc = run_module("tests.train.hf_probe", "--log-dir", out, "--num-workers", "0",
+                      "--load", moe, "--eval-only", *EVAL_ALL,
+                      "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                      "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
+                      *_common(tiny), nproc=4, timeout=400,
+                      env=dict(EAFT_PROBE_CONVERTED=str(converted), EAFT_PROBE_OUT=str(probe)))
     metrics = out / "metrics.jsonl"
     run = check(Run(proc.returncode, proc.stdout + proc.stderr,
                     [json.loads(x) for x in metrics.read_text().splitlines()]
@@ -336,13 +332,7 @@ def test_bad_hf_directories_refused_in_one_line(tiny, tmp_path):
             assert message in str(e.value) and "\n" not in str(e.value), (source, str(e.value))
     assert not save.exists()
     # and through the command: exit 2, one line, nothing written
-    import subprocess
-
-    from tests.support.launch import ROOT, subprocess_env
-
-    proc = subprocess.run([sys.executable, "-m", "eaft_megatron.train", "--load", str(pickled),
-                           "--save", str(save), *_common(tiny)], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = run_module("eaft_megatron.train", "--load", pickled, "--save", save, *_common(tiny))
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [x for x in proc.stderr.splitlines() if "error" in x.lower()]
     assert len(lines) == 1 and "only PyTorch .bin weights" in lines[0], proc.stderr[-3000:]
