@@ -283,8 +283,9 @@ def atomic_output(out: PathLike, *, inputs: Inputs = (), force: bool = False,
             tmp.rename(out)
     except BaseException as e:
         _remove(tmp)
-        if isinstance(e, KeyboardInterrupt):
-            why = e.name if isinstance(e, Interrupted) else "SIGINT"
+        if isinstance(e, KeyboardInterrupt) or _FIRED:
+            why = e.name if isinstance(e, Interrupted) else \
+                signal.Signals(_FIRED[0]).name if _FIRED else "SIGINT"
             report(f"interrupted ({why}): removed the unfinished output {tmp}")
         raise
 
@@ -301,16 +302,27 @@ def interruptible(signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> I
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired = []
+    _FIRED.clear()
 
     def handler(signum, _frame):
-        if not fired:
-            fired.append(signum)
+        if not _FIRED:
+            _FIRED.append(signum)
             raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
+    except BaseException as e:
+        # Libraries may catch the Interrupted and raise something else (torch's distributed
+        # checkpointing turns what its write workers raise into "RuntimeError: Worker
+        # failure"): after a signal, whatever comes out is that interruption.
+        if _FIRED and not isinstance(e, KeyboardInterrupt):
+            raise Interrupted(_FIRED[0]) from e
+        raise
     finally:
+        _FIRED.clear()
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+_FIRED: list[int] = []  # the signal interruptible() turned into Interrupted, while inside it

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from eaft_megatron.paths import (
+    Interrupted,
     UnsafePathError,
     atomic_output,
     check_output,
+    interruptible,
     overlaps,
     remove_stale_temps,
 )
@@ -235,3 +237,25 @@ def test_kill9_between_the_two_renames_loses_neither_output(tmp_path):
     remove_stale_temps(out, report=messages.append)
     assert (out / "x").read_text() == "new" and sorted(tmp_path.iterdir()) == [out]
     assert "restored the previous output" in messages[-1]
+
+
+def test_an_interruption_a_library_rewraps_is_still_an_interruption(tmp_path):
+    """torch's distributed checkpointing catches what its write workers raise, our Interrupted
+    included, and raises "RuntimeError: Worker failure" instead: after SIGTERM, whatever comes
+    out of ``interruptible`` is the interruption (exit 128 + 15, the cleanup message)."""
+    said = []
+    with pytest.raises(Interrupted) as caught:
+        with interruptible(), atomic_output(tmp_path / "out", report=said.append) as tmp:
+            (tmp / "part").write_text("x")
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                raise RuntimeError("Worker failure: an error is caught in worker 0") from None
+    assert caught.value.name == "SIGTERM" and caught.value.exit_code == 143
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert said == [f"interrupted (SIGTERM): removed the unfinished output {tmp}"]
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="no signal"):  # without a signal: left as it is
+        with interruptible():
+            raise RuntimeError("no signal")
