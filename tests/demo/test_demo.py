@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from tests.support.launch import run_module
+
 
 def test_demo_quick_runs_every_stage(tmp_path):
     work = tmp_path / "demo"
@@ -89,11 +91,9 @@ def test_demo_quick_moe_with_expert_parallelism(tmp_path, capsys):
 
     hf = build_demo_moe(tmp_path / "moe")
     work = tmp_path / "demo"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
-    proc = subprocess.run([sys.executable, "-m", "eaft_megatron", "demo", "--quick",
-                           "--hf-model", str(hf), "--tp", "1", "--ep", "2", "--no-landscape",
-                           "--workdir", str(work)], capture_output=True, text=True, env=env,
-                          timeout=900)
+    proc = run_module("eaft_megatron", "demo", "--quick", "--hf-model", hf, "--tp", "1",
+                      "--ep", "2", "--no-landscape", "--workdir", work, timeout=900,
+                      env=dict(TQDM_DISABLE="1"))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "(Qwen3MoeForCausalLM)" in proc.stdout and "TP=1 x PP=1 x EP=2" in proc.stdout
     assert "--expert-model-parallel-size 2" in proc.stdout
@@ -133,10 +133,8 @@ def test_demo_mistakes_exit_2_and_its_own_output_is_replaced(tmp_path, capsys):
     """``demo --tp 3`` (4 heads): one line, exit 2, no --workdir (a real process); a folder
     the demo made (its marker) is replaced by the next demo, another non-empty one refused."""
     work = tmp_path / "demo"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
-    proc = subprocess.run([sys.executable, "-m", "eaft_megatron", "demo", "--quick", "--tp", "3",
-                           "--workdir", str(work)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = run_module("eaft_megatron", "demo", "--quick", "--tp", "3", "--workdir", work,
+                      env=dict(TQDM_DISABLE="1"))
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "eaft-megatron demo: error: the demo's Qwen3 model: "), proc.stderr
@@ -166,11 +164,9 @@ def test_demo_quick_gated_deltanet_hybrid(tmp_path):
 
     hf = build_demo_qwen3_5(tmp_path / "qwen3_5")
     work = tmp_path / "demo"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
-    proc = subprocess.run([sys.executable, "-m", "eaft_megatron", "demo", "--quick",
-                           "--hf-model", str(hf), "--tp", "2", "--no-landscape",
-                           "--workdir", str(work)], capture_output=True, text=True, env=env,
-                          timeout=900)
+    proc = run_module("eaft_megatron", "demo", "--quick", "--hf-model", hf, "--tp", "2",
+                      "--no-landscape", "--workdir", work, timeout=900,
+                      env=dict(TQDM_DISABLE="1"))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "(Qwen3_5ForCausalLM)" in proc.stdout and "TP=2 x PP=1" in proc.stdout
     assert "falling back to its reference PyTorch" not in proc.stdout + proc.stderr
