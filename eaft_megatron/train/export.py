@@ -2,11 +2,13 @@
 
 After the last checkpoint is saved (the end of training, or an ``--exit-signal-handler`` /
 ``--exit-interval`` / ``--exit-duration-in-mins`` exit, which save before exiting), the ranks
-leave their process groups and rank 0 runs ``eaft-megatron convert megatron-to-hf --megatron
-SAVE --iteration LAST --out DIR`` in a child process: the export is that command's output, bit
-for bit (same code, same files), written atomically through :mod:`eaft_megatron.paths` (an
-owner-named temporary renamed at the end; an earlier export is replaced only once the new one is
-complete). Peak host memory is the converter's: about one copy of the model, in one process.
+leave their process groups, every rank but 0 exits, and rank 0 runs ``eaft-megatron convert
+megatron-to-hf --megatron SAVE --iteration LAST --out DIR --nproc N`` in a child process: the
+export is that command's output, bit for bit (same code, same files), written atomically
+through :mod:`eaft_megatron.paths` (an owner-named temporary renamed at the end; an earlier
+export is replaced only once the new one is complete). ``N`` (``--export-hf-nproc``) defaults
+to the node's ranks (``LOCAL_WORLD_SIZE``): N converter processes in parallel, each holding
+about 1/N of the model, in place of the training processes that just exited.
 
 ``SAVE/hf_exports.json`` records the directories this run exported to and the iteration each
 holds (``null`` while an export is being written). It makes a non-empty DIR recognisable as
@@ -42,6 +44,11 @@ def add_export_args(group) -> None:
                             "a Hugging Face checkpoint of the final weights to DIR (what "
                             "`eaft-megatron convert megatron-to-hf` of the last checkpoint "
                             "writes); needs --save")
+    group.add_argument("--export-hf-nproc", type=int, default=None, metavar="N",
+                       help="processes that share the export (`megatron-to-hf --nproc N`: each "
+                            "reads and writes about 1/N of the model, same files as N=1); "
+                            "default: this node's ranks (LOCAL_WORLD_SIZE), whose training "
+                            "processes have exited by then")
 
 
 def _exports(save: str | os.PathLike) -> dict[str, int | None]:
@@ -72,6 +79,9 @@ def check_export_dir(argv: list[str]) -> None:
     from ..paths import overlaps
 
     out = flag_value(argv, "--export-hf")
+    nproc = flag_value(argv, "--export-hf-nproc")
+    if nproc is not None and not (nproc.isdigit() and int(nproc) >= 1):
+        raise TrainArgError(f"--export-hf-nproc {nproc}: give a number of processes >= 1")
     if out is None:
         return
     save = flag_value(argv, "--save")
@@ -92,13 +102,15 @@ def check_export_dir(argv: list[str]) -> None:
                             f"directory")
 
 
-def export_final(save: str, out: str) -> int:
+def export_final(save: str, out: str, nproc: int | None = None) -> int:
     """Rank 0, after the last checkpoint is saved and the process groups are gone: export the
-    latest checkpoint of ``save`` to ``out`` (nothing when it already holds that iteration's
-    export); returns the exit code (the converter's own one-line message on failure)."""
+    latest checkpoint of ``save`` to ``out`` with ``nproc`` converter processes (default: this
+    node's ranks; nothing when ``out`` already holds that iteration's export); returns the exit
+    code (the converter's own one-line message on failure)."""
     from ..checkpoint import read_tracker
 
     iteration = read_tracker(save)
+    nproc = nproc or int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
     resolved = Path(out).resolve()
     if not isinstance(iteration, int):
         print(f"eaft_megatron.train: error: --export-hf {out}: no checkpoint in {save} to "
@@ -114,9 +126,9 @@ def export_final(save: str, out: str) -> int:
            if k not in _LAUNCHER_ENV and not k.startswith("TORCHELASTIC_")}
     cmd = [sys.executable, "-m", "eaft_megatron", "convert", "megatron-to-hf", "--megatron",
            str(save), "--iteration", str(iteration), "--out", str(resolved),
-           *(["--force"] if own else [])]
-    print(f"> eaft_megatron.train: exporting iteration {iteration} to {out} (Hugging Face)",
-          flush=True)
+           "--nproc", str(nproc), *(["--force"] if own else [])]
+    print(f"> eaft_megatron.train: exporting iteration {iteration} to {out} (Hugging Face, "
+          f"{nproc} process{'es' if nproc > 1 else ''})", flush=True)
     code = subprocess.run(cmd, env=env).returncode
     if code != 0:
         print(f"eaft_megatron.train: error: --export-hf {out}: the export of iteration "

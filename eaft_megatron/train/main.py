@@ -379,4 +379,4 @@ def _export(args: Any) -> int:
         return 0
     from .export import export_final
 
-    return export_final(args.save, args.export_hf)
+    return export_final(args.save, args.export_hf, getattr(args, "export_hf_nproc", None))

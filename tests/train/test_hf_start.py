@@ -176,7 +176,8 @@ def test_eval_only_from_hf_dir_tp2_pp2_ep2_probed(tiny, tmp_path):
 def test_train_from_hf_dir_then_export(tiny, capsys):
     """... and ``--export-hf DIR`` (an earlier export of this run there, replaced) on an early
     exit (``--exit-interval``: Megatron saves, then ``sys.exit``, like ``--exit-signal-handler``)
-    writes what ``megatron-to-hf`` of the last checkpoint writes, bit for bit; transformers' CE
+    writes, with the node's 2 ranks' worth of converter processes, what ``megatron-to-hf`` of
+    the last checkpoint writes, bit for bit; transformers' CE
     of it equals the run's last evaluation; the pre-flight of ``--export-hf`` (in process)."""
     from eaft_megatron.convert import megatron_to_hf
     from eaft_megatron.train.argv import TrainArgError, complete_argv
@@ -194,6 +195,7 @@ def test_train_from_hf_dir_then_export(tiny, capsys):
                           "--pipeline-model-parallel-size", "2", "--export-hf", str(export),
                           *_common(tiny), nproc=2))
     assert "loading the Hugging Face model" in run.output
+    assert f"exporting iteration 2 to {export} (Hugging Face, 2 processes)" in run.output
     assert sorted(run.train()) == [1, 2]
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert json.loads((out / "hf" / "config.json").read_text())["architectures"] == [
@@ -228,6 +230,9 @@ def test_train_from_hf_dir_then_export(tiny, capsys):
         with pytest.raises(TrainArgError) as e:
             complete_argv(argv, cpu=True, te_available=False)
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(TrainArgError, match="--export-hf-nproc 0: give a number"):
+        complete_argv([*base, "--export-hf", str(export), "--export-hf-nproc", "0"], cpu=True,
+                      te_available=False)
     with pytest.raises(TrainArgError, match="needs --save"):
         complete_argv([*base, "--eval-only", "--export-hf", str(foreign / "x")], cpu=True,
                       te_available=False)
