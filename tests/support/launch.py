@@ -190,14 +190,13 @@ def run_module(module: str, *args: str, nproc: int | None = None, cwd: Path = RO
     them (``nproc=N``), forked from the session's zygote; ``subprocess.run`` / torchrun when
     there is none. Returns the exit status, stdout and stderr (ranks' output interleaved);
     ``check=True`` raises on a non-zero status, with the output. ``env`` adds to
-    :func:`subprocess_env`.
-    Tests of torchrun's own behaviour (its exit status and summary, signals through its agent)
-    launch ``torchrun(...)`` themselves."""
+    :func:`subprocess_env`. Tests of torchrun's own behaviour (its exit status and summary,
+    signals through its agent) launch ``torchrun(...)`` themselves."""
     env = subprocess_env(**(env or {}))
     server = zygote()
     if server is None:
-        cmd = [sys.executable, "-m", module, *args] if nproc is None else \
-            torchrun("-m", module, *args, nproc=nproc)
+        cmd = [sys.executable, "-m", module, *map(str, args)] if nproc is None else \
+            torchrun("-m", module, *map(str, args), nproc=nproc)
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=timeout)
     else:
