@@ -26,7 +26,8 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "matplotlib", "tensorboard", "ruff"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", "hypothesis", "matplotlib",
+                 "tensorboard", "ruff"],
         # Optional GPU accelerations. NVIDIA apex is built from source by users
         # (https://github.com/NVIDIA/apex); the PyPI package named "apex" is unrelated.
         "gpu": ["transformer-engine[pytorch]"],

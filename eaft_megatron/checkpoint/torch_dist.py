@@ -42,9 +42,9 @@ def megatron_process_group(tp: int = 1, pp: int = 1):
     whatever this call set up."""
     from megatron.core import parallel_state
 
-    from ..compat import install_cpu_compat
+    from ..compat import cpu_compat_installed, install_cpu_compat, uninstall_cpu_compat
 
-    install_cpu_compat()
+    installed_cpu = not cpu_compat_installed() and install_cpu_compat()
     created_pg = False
     if not dist.is_initialized():
         # An in-memory store: no port to pick (and no MASTER_PORT left in the environment for
@@ -67,6 +67,8 @@ def megatron_process_group(tp: int = 1, pp: int = 1):
             parallel_state.destroy_model_parallel()
         if created_pg:
             dist.destroy_process_group()
+        if installed_cpu:
+            uninstall_cpu_compat()
 
 
 def expand_factories(sharded, *, consume: bool, _freed: list | None = None) -> None:
