@@ -102,9 +102,18 @@ def _rank() -> int:
 
 def _error(message: str, code: int = 2) -> int:
     """One line on rank 0 (every rank exits with ``code``); under torchrun also the reason in
-    its failure report (:func:`_report`)."""
+    its failure report (:func:`_report`). The other ranks exit a moment later: torchrun stops
+    every worker as soon as one exits, and rank 0, slower to reach the same check on a loaded
+    machine, was stopped before printing the line (seen with two test files run at once)."""
     _report(message, here=_rank() == 0)
+    if _rank() != 0:
+        import time
+
+        time.sleep(_PEER_EXIT_DELAY_S)
     return code
+
+
+_PEER_EXIT_DELAY_S = 3.0
 
 
 def _report(message: str, *, here: bool) -> None:
