@@ -18,11 +18,11 @@ Fork safety: the zygote imports modules and runs nothing, so it holds one thread
 the tests fall back to torchrun).
 
 Protocol (a Unix socket in a private temporary directory): one JSON line per request
-``{"module", "args", "nproc", "env", "cwd", "stdout", "stderr", "port"}``; the handler answers
-``{"pid": ...}`` (its process group, for killing on timeout), then ``{"returncode": ...}`` when
-the ranks are done.
+``{"module", "args", "nproc", "env", "cwd", "stdout", "stderr", "port", "distributed"}``; the
+handler answers ``{"pid": ...}`` (its process group, for killing on timeout), then
+``{"returncode": ...}`` when the ranks are done.
 
-    python -m tests.support.zygote SOCKET     # serve (started by ``Zygote()``)
+    python -m tests.support.zygote SOCKET PARENT_PID     # serve (started by ``Zygote()``)
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from eaft_megatron.compat.processes import die_with_parent
+
 ROOT = Path(__file__).resolve().parents[2]
+
 
 class ChildExit(BaseException):
     """Raised in a forked rank to unwind to the top and leave through the normal interpreter
@@ -48,27 +50,16 @@ class ChildExit(BaseException):
         self.code = code
 
 
-def _die_with_parent() -> None:
-    """SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``): a killed pytest
-    takes the zygote, its launchers and their ranks with it, leaving no orphan."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before the call
-        os._exit(1)
-
-
 def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
 def _run_rank(module: str, args: list[str], env: dict, cwd: str, stdout: str,
-              stderr: str) -> None:
+              stderr: str, parent: int) -> None:
     """In the forked rank: become ``python -m module args`` and never return."""
     import runpy
 
-    _die_with_parent()
+    die_with_parent(parent)  # (every process here: a killed pytest leaves no orphan)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -80,12 +71,6 @@ def _run_rank(module: str, args: list[str], env: dict, cwd: str, stdout: str,
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sys.argv = [module, *args]
     code = 0
-    profile = None
-    if env.get("EAFT_ZYGOTE_PROFILE"):  # a directory: cProfile each rank (finding test costs)
-        import cProfile
-
-        profile = cProfile.Profile()
-        profile.enable()
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exc:
@@ -101,43 +86,38 @@ def _run_rank(module: str, args: list[str], env: dict, cwd: str, stdout: str,
 
         traceback.print_exc()
         code = 1
-    if profile is not None:
-        profile.disable()
-        profile.dump_stats(os.path.join(env["EAFT_ZYGOTE_PROFILE"], f"rank-{os.getpid()}.prof"))
     raise ChildExit(code)
 
 
-def _handle(conn: socket.socket) -> None:
+def _handle(conn: socket.socket, parent: int) -> None:
     """In a forked handler: fork the ranks of one request, wait, answer."""
-    _die_with_parent()
+    die_with_parent(parent)
     os.setsid()  # one process group: the client kills it whole on timeout
     stream = conn.makefile("rw")
     req = json.loads(stream.readline())
     stream.write(json.dumps({"pid": os.getpid()}) + "\n")
     stream.flush()
-    nproc = int(req["nproc"])
+    nproc, distributed = int(req["nproc"]), bool(req["distributed"])
     env = dict(req["env"])
-    if nproc > 1 or "MASTER_ADDR" in env:
+    if distributed:
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(req["port"]),
                    WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0",
                    TORCHELASTIC_RUN_ID="zygote")
-    pids = {}
+    pids, me = {}, os.getpid()
     for rank in range(nproc):
         pid = os.fork()
         if pid == 0:
             stream.close()
             conn.close()
             rank_env = dict(env)
-            if "MASTER_ADDR" in env:
+            if distributed:
                 rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank))
             _run_rank(req["module"], req["args"], rank_env, req["cwd"], req["stdout"],
-                      req["stderr"])
+                      req["stderr"], me)
         pids[pid] = rank
     returncode = 0
-    cpu = 0.0
     while pids:
-        pid, status, usage = os.wait4(-1, 0)
-        cpu += usage.ru_utime + usage.ru_stime
+        pid, status = os.wait()
         pids.pop(pid, None)
         code = os.waitstatus_to_exitcode(status)
         if code != 0 and returncode == 0:
@@ -156,12 +136,12 @@ def _handle(conn: socket.socket) -> None:
                     time.sleep(0.05)
             for other in pids:
                 os.kill(other, signal.SIGKILL)
-    stream.write(json.dumps({"returncode": returncode, "cpu": cpu}) + "\n")
+    stream.write(json.dumps({"returncode": returncode}) + "\n")
     stream.flush()
 
 
-def serve(path: str) -> None:
-    _die_with_parent()
+def serve(path: str, parent: int) -> None:
+    die_with_parent(parent)
     import tests.support.preload  # noqa: F401 - the imports every child skips
     threads = _threads()
     if threads != 1:
@@ -177,13 +157,14 @@ def serve(path: str) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     print(json.dumps({"ready": True}), flush=True)
+    me = os.getpid()
     try:
         while True:
             conn, _ = server.accept()
             if os.fork() == 0:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 server.close()
-                _handle(conn)
+                _handle(conn, me)
                 raise ChildExit(0)
             conn.close()
             while True:  # reap finished handlers (their CPU time adds up to ours, and pytest's)
@@ -206,18 +187,18 @@ class _Stop(Exception):
 
 
 class Zygote:
-    """The client side: ``start()`` once, then ``launch(...)`` per run."""
+    """The client side: construct once (starts the zygote), then ``launch(...)`` per run."""
 
     def __init__(self, env: dict):
         self._dir = tempfile.mkdtemp(prefix="eaft-zygote-")
         self.path = os.path.join(self._dir, "socket")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.zygote", self.path], cwd=ROOT, env=env,
+            [sys.executable, "-m", "tests.support.zygote", self.path, str(os.getpid())],
+            cwd=ROOT, env=env,
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
         line = self.proc.stdout.readline()
         status = json.loads(line) if line.strip() else {"error": "the zygote exited"}
         self.error = status.get("error")
-        self._lock = threading.Lock()
 
     @property
     def ok(self) -> bool:
@@ -229,12 +210,9 @@ class Zygote:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(self.path)
         stream = conn.makefile("rw")
-        env = dict(env)
-        if distributed:
-            env.setdefault("MASTER_ADDR", "127.0.0.1")
         stream.write(json.dumps(dict(module=module, args=list(args), nproc=nproc, env=env,
-                                     cwd=str(cwd), stdout=stdout, stderr=stderr,
-                                     port=port)) + "\n")
+                                     cwd=str(cwd), stdout=stdout, stderr=stderr, port=port,
+                                     distributed=distributed)) + "\n")
         stream.flush()
         pid = json.loads(stream.readline())["pid"]
         conn.settimeout(timeout)
@@ -247,12 +225,7 @@ class Zygote:
             conn.close()
         if not answer:
             raise RuntimeError(f"the zygote's launcher {pid} died without an answer")
-        done = json.loads(answer)
-        if os.environ.get("EAFT_ZYGOTE_LOG"):  # a line per launch: module, ranks, CPU seconds
-            with open(os.environ["EAFT_ZYGOTE_LOG"], "a") as log:
-                log.write(json.dumps(dict(module=module, args=list(args)[:6], nproc=nproc,
-                                          cpu=round(done.get("cpu", 0.0), 2))) + "\n")
-        return int(done["returncode"])
+        return int(json.loads(answer)["returncode"])
 
     def close(self) -> None:
         """Stop serving; the zygote reaps its finished launchers first, so that their CPU time
@@ -273,7 +246,7 @@ class Zygote:
 
 if __name__ == "__main__":
     try:
-        serve(sys.argv[1])
+        serve(sys.argv[1], int(sys.argv[2]))
     except ChildExit as done:
         sys.stdout.flush()
         sys.stderr.flush()
