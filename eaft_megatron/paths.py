@@ -310,6 +310,9 @@ def interruptible(signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> I
             raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in signals}
+    # A process may start with these signals blocked (the mask is inherited through fork and
+    # exec): they would stay pending and the run would never be interrupted.
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, previous) & set(previous)
     try:
         yield
     except BaseException as e:
@@ -321,6 +324,8 @@ def interruptible(signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> I
         raise
     finally:
         _FIRED.clear()
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         for s, h in previous.items():
             signal.signal(s, h)
 

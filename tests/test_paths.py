@@ -165,16 +165,34 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+def _block(sig):
+    return lambda: signal.pthread_sigmask(signal.SIG_BLOCK, [sig])
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["", "blocked-at-start"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_removes_the_temporary_with_a_message(tmp_path, sig):
+def test_signal_removes_the_temporary_with_a_message(tmp_path, sig, blocked):
+    """Also when the process starts with the signal blocked (a mask inherited from its launcher):
+    it would stay pending for good."""
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "-c", _SCRIPT, str(out)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_block(sig) if blocked else None)
     line = p.stdout.readline()
     tmp = Path(line.split()[1])
     assert tmp.is_dir() and f"-{p.pid}-" in tmp.name, "the temporary names its owner"
     p.send_signal(sig)
-    _, err = p.communicate(timeout=30)
+    try:
+        _, err = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # say why: the child's signal state and threads
+        def sig_lines(status, also=()):
+            return [ln.strip() for ln in open(status) if ln.startswith(("Sig", *also))]
+        state = sig_lines(f"/proc/{p.pid}/status", ("Thr",))
+        mine = sig_lines("/proc/thread-self/status")
+        p.kill()
+        p.communicate()
+        pytest.fail(f"still running 30 s after {signal.Signals(sig).name}: child {state}, "
+                    f"this thread {mine}")
     assert p.returncode == 128 + sig, err
     assert f"interrupted ({signal.Signals(sig).name}): removed the unfinished output {tmp}" in err
     assert not tmp.exists() and not out.exists()

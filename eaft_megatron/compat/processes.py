@@ -132,9 +132,32 @@ def contain_child_processes(*, async_save: bool = False) -> None:
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (``--master-port`` of a torchrun launch)."""
+    """A TCP port free on 127.0.0.1 right now (``--master-port`` of a torchrun launch), taken
+    below the kernel's ephemeral range (``ip_local_port_range``) where one exists.
+
+    A port from ``bind(0)`` is an ephemeral one: between this call and the launch's store binding
+    it, any outgoing connection or ``bind(0)`` on the machine (another job's gloo pairs, which
+    open dozens) may be handed the same port. Below the range only another explicit choice can
+    take it: a random one of ~20000 ports, checked free by binding it here."""
+    import random
     import socket
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    low = _ephemeral_low()
+    candidates = random.sample(range(10000, low), min(64, low - 10000)) if low > 10000 else []
+    for port in [*candidates, 0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free TCP port on 127.0.0.1")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux), 0 if unknown."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0

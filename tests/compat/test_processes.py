@@ -85,3 +85,28 @@ def test_synchronous_saves_start_no_process():
     queue_type, survivors = _run_and_kill("sync", 1)  # the forked child only
     assert queue_type == "Queue"  # in-process queue.Queue: no manager, no tracker
     assert survivors == [], survivors
+
+
+def test_free_port_is_outside_the_ephemeral_range_and_skips_a_taken_one(monkeypatch):
+    """Ports from bind(0) are ephemeral: any connection on the machine may take one before the
+    launch binds it (another job's gloo pairs open dozens). free_port takes a port below the range,
+    checked free by binding it; a taken candidate is skipped."""
+    import random
+    import socket
+
+    from eaft_megatron.compat import processes
+
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = {processes.free_port() for _ in range(20)}
+    assert all(10000 <= p < low for p in ports), (sorted(ports), low)
+    with socket.socket() as taken, socket.socket() as check:
+        taken.bind(("127.0.0.1", min(ports)))
+        taken.listen()
+        real_sample = random.sample
+        monkeypatch.setattr(random, "sample",
+                            lambda seq, k: [min(ports), *real_sample(seq, k)][:k])
+        port = processes.free_port()
+        assert port != min(ports) and 10000 <= port < low
+        check.bind(("127.0.0.1", port))  # really free
+    monkeypatch.setattr(processes, "_ephemeral_low", lambda: 0)  # range unknown: the kernel's pick
+    assert processes.free_port() > 0
