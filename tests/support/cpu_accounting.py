@@ -4,7 +4,9 @@ Enabled by ``EAFT_CPU_CGROUP=/sys/fs/cgroup/cpuacct/<group>`` (a cgroup-v1 ``cpu
 that pytest runs in): every process the tests start stays in that group whoever reaps it
 (torchrun's workers, the zygote's ranks, fork-server children), so the group's counter read
 before and after each test is that test's whole CPU time. Writes one JSON line per test phase to
-``EAFT_CPU_LOG``. Off (and free) otherwise.
+``EAFT_CPU_LOG``. Off (and free) otherwise. Under pytest-xdist each worker moves itself into a
+group of its own below that one (``<group>/gw0``, ...) before it starts anything, so that two
+files run at a time are still measured apart; the top group's counter stays the total.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ import pytest
 
 _GROUP = os.environ.get("EAFT_CPU_CGROUP")
 _LOG = os.environ.get("EAFT_CPU_LOG")
+if _GROUP and _LOG and os.environ.get("PYTEST_XDIST_WORKER"):
+    _GROUP = os.path.join(_GROUP, os.environ["PYTEST_XDIST_WORKER"])
+    os.makedirs(_GROUP, exist_ok=True)
+    with open(os.path.join(_GROUP, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
 
 
 def _usage() -> float:
