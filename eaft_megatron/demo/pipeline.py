@@ -16,8 +16,9 @@ Steps (each says what it does and where its output is):
     conversation per sample (not packed: what the trainer needs for gated-DeltaNet hybrids
     such as Qwen3.5 on CPU, whose recurrent state would otherwise cross conversations);
  4. the trainer, ``torchrun -m eaft_megatron.train`` with EAFT on ``--tp x --pp x --ep`` ranks
-    (gloo and fp32 on CPU; NCCL and bf16 on GPU), validating on held-out conversations (no prompt of
-    them is in the training data), narrated from ``metrics.jsonl``; ``run/curves.png`` and
+    (``$EAFT_TORCHRUN`` instead of torchrun when set; gloo and fp32 on CPU; NCCL and bf16 on
+    GPU), validating on held-out conversations (no prompt of them is in the training data),
+    narrated from ``metrics.jsonl``; ``run/curves.png`` and
     ``run/tensorboard`` show the curves; the entropy-probability landscape of the held-out data
     before and after training (evaluation-only runs of the trainer on the same held-out samples:
     ``landscape/before``, ``landscape/after``, ``landscape/comparison.png``) with the share of
@@ -33,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -116,6 +118,24 @@ def _ep_flags(args) -> list[str]:
     return ["--expert-model-parallel-size", str(args.ep)] if args.ep > 1 else []
 
 
+#: the environment variable naming a command used instead of ``<this python> -m
+#: torch.distributed.run`` (shlex-split; it gets the same torchrun arguments): a site's wrapper
+TORCHRUN_VARIABLE = "EAFT_TORCHRUN"
+
+
+def _torchrun() -> list[str]:
+    """The command that launches the trainer's ranks: ``$EAFT_TORCHRUN`` when set, otherwise
+    this interpreter's ``torch.distributed.run``."""
+    custom = os.environ.get(TORCHRUN_VARIABLE, "").strip()
+    if not custom:
+        return [sys.executable, "-m", "torch.distributed.run"]
+    try:
+        command = shlex.split(custom)
+    except ValueError as e:
+        raise DemoError(f"{TORCHRUN_VARIABLE}={custom!r}: {e}") from None
+    return command
+
+
 def _trainer_command(args, sizes: Sizes, *flags: str) -> list[str]:
     """torchrun of ``python -m eaft_megatron.train`` with the demo's parallel layout, batch
     sizes, loss and device settings, then ``flags`` (what the run is for)."""
@@ -126,7 +146,7 @@ def _trainer_command(args, sizes: Sizes, *flags: str) -> list[str]:
     nproc = _nproc(args)
     micro = max(1, sizes.global_batch // max(1, nproc // (args.tp * args.pp)) // 4)
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        *_torchrun(), "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         "-m", "eaft_megatron.train", *flags,
         "--tensor-model-parallel-size", str(args.tp),
@@ -215,7 +235,7 @@ def _train(args, sizes: Sizes, ckpt: Path, data: Path, valid: Path, valid_sample
         flags += ["--tensorboard-dir", str(run / "tensorboard"), "--tensorboard-log-interval",
                   str(max(1, iters // 10))]
     cmd = _trainer_command(args, sizes, *flags)
-    print("  $ " + " ".join(cmd[:1] + ["-m", "torch.distributed.run"] + cmd[3:]), flush=True)
+    print("  $ " + " ".join(cmd), flush=True)
     env = _trainer_env()
     log = run.parent / "train.log"
     metrics = run / "metrics.jsonl"
@@ -408,6 +428,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     sizes = QUICK if args.quick else FULL
     work = Path(args.workdir).resolve()
     architecture = _checked_model(args, sizes)
+    _torchrun()  # a malformed $EAFT_TORCHRUN is a mistake too, found before anything is written
     _take_workdir(work, args.force)
     try:
         return _run(args, sizes, work, architecture)

@@ -23,6 +23,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import shlex
 import shutil
 import subprocess
 import sys
@@ -183,15 +184,27 @@ def zygote():
     return _ZYGOTE if _ZYGOTE.ok else None
 
 
+def zygote_env() -> dict:
+    """The environment that sends the package's own torchrun launches (the demo's trainer,
+    ``EAFT_TORCHRUN``) to the session's zygote through :mod:`tests.support.zygote_run`; empty
+    when there is no zygote (``EAFT_TESTS_TORCHRUN=1``: real torchrun)."""
+    server = zygote()
+    if server is None:
+        return {}
+    return dict(EAFT_TORCHRUN=f"{shlex.quote(sys.executable)} -m tests.support.zygote_run",
+                EAFT_ZYGOTE_SOCKET=server.path)
+
+
 def run_module(module: str, *args: str, nproc: int | None = None, cwd: Path = ROOT,
                timeout: float = 300, check: bool = False,
                env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m module args`` (``nproc=None``), or ``N`` ranks of it as torchrun would start
     them (``nproc=N``), forked from the session's zygote; ``subprocess.run`` / torchrun when
-    there is none. Returns the exit status, stdout and stderr (ranks' output interleaved);
-    ``check=True`` raises on a non-zero status, with the output. ``env`` adds to
-    :func:`subprocess_env`. Tests of torchrun's own behaviour (its exit status and summary,
-    signals through its agent) launch ``torchrun(...)`` themselves."""
+    there is none; the torchrun launches the process makes itself (the demo's trainer) are
+    forked from the zygote too (:func:`zygote_env`). Returns the exit status, stdout and stderr
+    (ranks' output interleaved); ``check=True`` raises on a non-zero status, with the output.
+    ``env`` adds to :func:`subprocess_env`. Tests of torchrun's own behaviour (its exit status
+    and summary, signals through its agent) launch ``torchrun(...)`` themselves."""
     env = subprocess_env(**(env or {}))
     server = zygote()
     if server is None:
@@ -200,6 +213,7 @@ def run_module(module: str, *args: str, nproc: int | None = None, cwd: Path = RO
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=timeout)
     else:
+        env = {**zygote_env(), **env}
         proc = _zygote_run(server, module, args, nproc=nproc, env=env, cwd=cwd, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"python -m {module} {' '.join(map(str, args))} exited "

@@ -18,9 +18,14 @@ Fork safety: the zygote imports modules and runs nothing, so it holds one thread
 the tests fall back to torchrun).
 
 Protocol (a Unix socket in a private temporary directory): one JSON line per request
-``{"module", "args", "nproc", "env", "cwd", "stdout", "stderr", "port", "distributed"}``; the
-handler answers ``{"pid": ...}`` (its process group, for killing on timeout), then
-``{"returncode": ...}`` when the ranks are done.
+``{"module", "args", "nproc", "env", "cwd", "stdout", "stderr", "port", "distributed"}`` (and
+optionally ``"addr"``, the ``MASTER_ADDR``; 127.0.0.1 without); the handler answers ``{"pid":
+...}`` (its process group, for killing on timeout), then ``{"returncode": ...}`` when the ranks
+are done. SIGTERM and SIGINT sent to that group reach the ranks only (the handler blocks them
+and reports the ranks' status); a client that goes away (its end of the socket closed) takes the
+group with it. Clients: :class:`Zygote` (pytest's side) and :mod:`tests.support.zygote_run` (the
+torchrun launches the package makes itself, from inside a launch: each connection gets its own
+handler, so launches nest).
 
     python -m tests.support.zygote SOCKET PARENT_PID     # serve (started by ``Zygote()``)
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -69,6 +75,7 @@ def _run_rank(module: str, args: list[str], env: dict, cwd: str, stdout: str,
         os.close(fd)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)  # blocked in the launcher
     sys.argv = [module, *args]
     code = 0
     try:
@@ -89,10 +96,29 @@ def _run_rank(module: str, args: list[str], env: dict, cwd: str, stdout: str,
     raise ChildExit(code)
 
 
+#: what a client may send the launch's process group (``tests.support.zygote_run`` forwards its
+#: own): the ranks get them, the launcher blocks them and goes on to report the ranks' status
+_FORWARDED = {signal.SIGINT, signal.SIGTERM}
+
+
+def _next_exit(conn: socket.socket, pidfds: dict[int, int]) -> tuple[int, int] | None:
+    """``(pid, wait status)`` of the next rank to exit, or None once the client has gone (its
+    end of the socket closed: killed, or past its timeout)."""
+    while True:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            os.close(pidfds.pop(pid))
+            return pid, status
+        ready, _, _ = select.select([conn, *pidfds.values()], [], [])
+        if conn in ready and not conn.recv(4096):
+            return None
+
+
 def _handle(conn: socket.socket, parent: int) -> None:
     """In a forked handler: fork the ranks of one request, wait, answer."""
     die_with_parent(parent)
     os.setsid()  # one process group: the client kills it whole on timeout
+    signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
     stream = conn.makefile("rw")
     req = json.loads(stream.readline())
     stream.write(json.dumps({"pid": os.getpid()}) + "\n")
@@ -100,7 +126,7 @@ def _handle(conn: socket.socket, parent: int) -> None:
     nproc, distributed = int(req["nproc"]), bool(req["distributed"])
     env = dict(req["env"])
     if distributed:
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(req["port"]),
+        env.update(MASTER_ADDR=req.get("addr", "127.0.0.1"), MASTER_PORT=str(req["port"]),
                    WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0",
                    TORCHELASTIC_RUN_ID="zygote")
     pids, me = {}, os.getpid()
@@ -115,9 +141,14 @@ def _handle(conn: socket.socket, parent: int) -> None:
             _run_rank(req["module"], req["args"], rank_env, req["cwd"], req["stdout"],
                       req["stderr"], me)
         pids[pid] = rank
+    pidfds = {pid: os.pidfd_open(pid) for pid in pids}
     returncode = 0
     while pids:
-        pid, status = os.wait()
+        done = _next_exit(conn, pidfds)
+        if done is None:  # nobody waits for the answer: the launch ends with its client
+            os.killpg(0, signal.SIGKILL)  # (this launcher included)
+            os._exit(1)
+        pid, status = done
         pids.pop(pid, None)
         code = os.waitstatus_to_exitcode(status)
         if code != 0 and returncode == 0:
@@ -132,6 +163,7 @@ def _handle(conn: socket.socket, parent: int) -> None:
                 pid, status = os.waitpid(-1, os.WNOHANG)
                 if pid:
                     pids.pop(pid, None)
+                    os.close(pidfds.pop(pid))
                 else:
                     time.sleep(0.05)
             for other in pids:
