@@ -9,12 +9,12 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from eaft_megatron.checkpoint import TRACKER, read_tracker
 from eaft_megatron.compat.processes import free_port
+from eaft_megatron.train.launch import torchrun_command
 
 from .common import ROOT, Profile, Stage, kill_group
 from .models import save_random_hf_model
@@ -69,7 +69,7 @@ def _run_trainer(work: Path, out_logs: Path, name: str, *, nproc: int, flags: li
                  timeout: float, launcher: Path | None = None) -> dict:
     run_dir = work / name
     target = [str(launcher)] if launcher else ["-m", "eaft_megatron.train"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+    cmd = [*torchrun_command(), "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *target,
            "--save", str(run_dir), "--log-dir", str(run_dir), *flags]
     env = dict(os.environ, PYTHONUNBUFFERED="1",

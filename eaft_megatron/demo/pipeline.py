@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import random
-import shlex
 import shutil
 import subprocess
 import sys
@@ -118,22 +117,16 @@ def _ep_flags(args) -> list[str]:
     return ["--expert-model-parallel-size", str(args.ep)] if args.ep > 1 else []
 
 
-#: the environment variable naming a command used instead of ``<this python> -m
-#: torch.distributed.run`` (shlex-split; it gets the same torchrun arguments): a site's wrapper
-TORCHRUN_VARIABLE = "EAFT_TORCHRUN"
-
-
 def _torchrun() -> list[str]:
-    """The command that launches the trainer's ranks: ``$EAFT_TORCHRUN`` when set, otherwise
-    this interpreter's ``torch.distributed.run``."""
-    custom = os.environ.get(TORCHRUN_VARIABLE, "").strip()
-    if not custom:
-        return [sys.executable, "-m", "torch.distributed.run"]
+    """The command that launches the trainer's ranks: ``$EAFT_TORCHRUN`` (a site's wrapper)
+    when set, otherwise this interpreter's ``torch.distributed.run``
+    (:func:`eaft_megatron.train.launch.torchrun_command`)."""
+    from ..train.launch import torchrun_command
+
     try:
-        command = shlex.split(custom)
+        return torchrun_command()
     except ValueError as e:
-        raise DemoError(f"{TORCHRUN_VARIABLE}={custom!r}: {e}") from None
-    return command
+        raise DemoError(str(e)) from None
 
 
 def _trainer_command(args, sizes: Sizes, *flags: str) -> list[str]:

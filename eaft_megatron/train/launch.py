@@ -17,6 +17,10 @@ workers fail, prints one line instead of torchrun's report and exits with the wo
 Workers launched this way (``EAFT_MEGATRON_LAUNCHER`` in their environment) leave the printing
 of their error line to the launcher, so it appears once even when torchrun stops rank 0 before
 rank 0 gets to print it.
+
+:func:`torchrun_command` is the command that the package's own launches of the trainer (the
+demo's, the GPU acceptance benchmark's) put before torchrun's arguments: ``$EAFT_TORCHRUN``
+(shlex-split; a site's wrapper) when set, otherwise ``<this python> -m torch.distributed.run``.
 """
 
 from __future__ import annotations
@@ -24,12 +28,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 
-__all__ = ["LAUNCHER_ENV", "launcher_parser", "main", "split_argv"]
+__all__ = ["LAUNCHER_ENV", "TORCHRUN_ENV", "launcher_parser", "main", "split_argv",
+           "torchrun_command"]
 
 LAUNCHER_ENV = "EAFT_MEGATRON_LAUNCHER"
+#: a command used instead of ``<this python> -m torch.distributed.run`` (see the module doc)
+TORCHRUN_ENV = "EAFT_TORCHRUN"
 PROG = "eaft-megatron train"
 _TRAINER_LINE = "eaft_megatron.train: error: "
 
@@ -41,6 +49,20 @@ _OPTIONS = {
     "--rdzv-conf": True, "--max-restarts": True, "--standalone": False,
 }
 _ALIASES = {name.replace("-", "_").replace("__", "--", 1): name for name in _OPTIONS}
+
+
+def torchrun_command() -> list[str]:
+    """What launches the trainer's ranks, before torchrun's arguments (``--nproc-per-node N
+    --master-addr A --master-port P -m eaft_megatron.train FLAGS``): ``$EAFT_TORCHRUN`` split
+    like a shell command line when set, otherwise this interpreter's ``torch.distributed.run``.
+    A value that does not split (an open quote) raises ``ValueError`` naming the variable."""
+    custom = os.environ.get(TORCHRUN_ENV, "").strip()
+    if not custom:
+        return [sys.executable, "-m", "torch.distributed.run"]
+    try:
+        return shlex.split(custom)
+    except ValueError as e:
+        raise ValueError(f"{TORCHRUN_ENV}={custom!r}: {e}") from None
 
 
 def launcher_parser() -> argparse.ArgumentParser:

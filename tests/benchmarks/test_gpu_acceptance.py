@@ -12,13 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.support.launch import zygote_env
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_acceptance.py"
 STAGES = ("loss", "speed", "models", "train")
 
 
 def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+    # the train stage's trainer launch: forked from the session's zygote (EAFT_TORCHRUN)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1", **zygote_env())
     return subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--cpu-smoke", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 

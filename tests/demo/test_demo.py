@@ -185,3 +185,31 @@ def test_demo_quick_gated_deltanet_hybrid(tmp_path):
                                                                  dtype=torch.float32)
     assert exported.config.architectures == ["Qwen3_5ForCausalLM"]
     assert exported.config.layer_types == ["linear_attention", "full_attention"]
+
+
+def test_demo_launches_its_trainer_with_eaft_torchrun(tmp_path, monkeypatch, capsys):
+    """``$EAFT_TORCHRUN`` (a site's wrapper) replaces ``python -m torch.distributed.run`` before
+    the same torchrun arguments; a value that does not split is a mistake: one line, exit 2,
+    nothing written."""
+    import argparse
+
+    from eaft_megatron.cli import main
+    from eaft_megatron.demo.pipeline import QUICK, _trainer_command
+
+    args = argparse.Namespace(tp=2, pp=1, ep=1, nproc=None, loss_type="eaft")
+    monkeypatch.delenv("EAFT_TORCHRUN", raising=False)
+    plain = _trainer_command(args, QUICK, "--eval-only")
+    assert plain[:5] == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    monkeypatch.setenv("EAFT_TORCHRUN", "/site/launch --tag 'a b'")
+    wrapped = _trainer_command(args, QUICK, "--eval-only")
+    assert wrapped[:3] == ["/site/launch", "--tag", "a b"]
+    # the same torchrun arguments (the master port aside: a free one each time)
+    assert wrapped[3:8] == plain[3:8] and wrapped[9:] == plain[9:]
+    assert wrapped[9:12] == ["-m", "eaft_megatron.train", "--eval-only"]
+
+    monkeypatch.setenv("EAFT_TORCHRUN", 'launch "a')
+    work = tmp_path / "demo"
+    assert main(["demo", "--quick", "--workdir", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("eaft-megatron demo: error: EAFT_TORCHRUN='launch \"a': "
+                           "No closing quotation") and not work.exists()

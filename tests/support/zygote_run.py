@@ -1,9 +1,10 @@
 """``python -m tests.support.zygote_run TORCHRUN-ARGS...``: a torchrun launch served by the
 session's zygote, for the torchrun launches the package starts itself.
 
-The demo launches its trainer with ``$EAFT_TORCHRUN`` when set (a site's wrapper around torchrun,
-see docs/demo.md); the tests set it to this module, with ``$EAFT_ZYGOTE_SOCKET`` naming the
-session's zygote (``launch.zygote_env()``). This client parses torchrun's options
+The demo (and the GPU acceptance benchmark's train stage) launches its trainer with
+``$EAFT_TORCHRUN`` when set (a site's wrapper around torchrun, see docs/demo.md); the tests set
+it to this module, with ``$EAFT_ZYGOTE_SOCKET`` naming the session's zygote
+(``launch.zygote_env()``). This client parses torchrun's options
 (``--nproc-per-node N``, ``--master-addr``, ``--master-port``, ``--nnodes 1``,
 ``--node-rank 0``, ``--standalone``; ``--opt=value`` and ``--opt_name`` spellings too) and ``-m
 MODULE ARGS``, and asks the zygote to run the launch exactly as ``launch.run_module`` does: N
