@@ -37,20 +37,38 @@ store, which the parent shows as the one-process progress bar. The parent writes
 (export) from what the workers report, then the config and tokenizer files, inside the same
 :func:`~eaft_megatron.paths.atomic_output` temporary as a one-process export: the output
 appears only when every worker finished. A worker that fails or dies (kill -9) stops the
-others and the temporary is removed; the workers die with the parent
-(``compat.processes.die_with_parent``). The files are bit-identical to ``--nproc 1``.
+others and the temporary is removed. The files are bit-identical to ``--nproc 1``.
 ``--nproc`` above the number of the model's parameter tensors is refused
 (:func:`check_nproc`).
+
+Processes: the converter starts one *forker* (``python -m eaft_megatron.convert.parallel TMP
+PARENT``), which imports what the workers use (torch, megatron-core's model and checkpoint
+code, transformers' configs, the package: :data:`_SHARED`, ~6 CPU s), runs nothing, and
+forks the N workers (named ``eaft-nproc-RANK`` in ``ps -o comm`` / top), so that the imports
+are paid once per conversion instead of once per worker. fork is only safe in a process with
+one thread, and the converter itself is not one (``import torch`` starts an OpenMP thread
+unless ``OMP_NUM_THREADS=1``; the store and a progress bar start more), hence a separate
+forker, started with ``OMP_NUM_THREADS=1`` (each worker then sets its own thread count). The
+forker checks it holds one thread right before each fork and otherwise starts the worker as a
+fresh interpreter (``... TMP RANK PARENT``), as every worker was before. A forked worker leaves
+through ``os._exit`` (nothing of the forker's shutdown runs twice; its output is flushed first);
+the forker records each worker's exit status (``-signal`` if killed) in ``TMP`` for the
+converter, which reads a failure from there, and SIGTERMs the forker to stop the rest (it kills
+and reaps them). Each process dies with the one that started it
+(``compat.processes.die_with_parent``: converter -> forker -> workers), and Ctrl-C is the
+converter's alone (the others ignore SIGINT).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -58,6 +76,7 @@ import torch
 from .io import SAFETENSORS_INDEX, ConversionError
 
 _SPEC = ".nproc-spec.json"
+_MODULE = "eaft_megatron.convert.parallel"  # (its __name__ is __main__ in the forker)
 
 
 def _result(tmp: Path, rank: int, kind: str) -> Path:
@@ -84,38 +103,41 @@ def run_workers(tmp: Path, nproc: int, spec: dict, *, progress=None) -> None:
     # The workers' rendezvous, held by this process (no port to race for).
     store = dist.TCPStore("127.0.0.1", 0, world_size=nproc + 1, is_master=True,
                           wait_for_workers=False)
-    (tmp / _SPEC).write_text(json.dumps({**spec, "nproc": nproc, "parent": os.getpid(),
-                                         "port": store.port}))
-    procs: list[subprocess.Popen] = []
+    (tmp / _SPEC).write_text(json.dumps({**spec, "nproc": nproc, "port": store.port}))
+    # The forker (see the module doc): OpenMP starts no thread at import with one thread asked.
+    forker = subprocess.Popen([sys.executable, "-m", _MODULE, str(tmp), str(os.getpid())],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        for rank in range(nproc):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "eaft_megatron.convert.parallel", str(tmp), str(rank)]))
         shown = 0
         while True:
-            codes = [p.poll() for p in procs]  # (every one: a failure ends the wait at once)
+            gone = forker.poll() is not None  # (it records every exit status before it exits)
+            codes = [_exit_status(tmp, rank) for rank in range(nproc)]
             if progress is not None and (done := store.add(_PROGRESS, 0)) > shown:
                 progress.update(done - shown)
                 shown = done
             if None not in codes or any(c not in (None, 0) for c in codes):
-                break
+                break  # (every one: a failure ends the wait at once)
+            if gone:
+                raise ConversionError(f"--nproc {nproc}: the workers' parent process exited "
+                                      f"with status {forker.returncode}; nothing written")
             time.sleep(0.05)
-        for rank, p in enumerate(procs):
-            if p.returncode not in (None, 0):
+        for rank, code in enumerate(codes):
+            if code not in (None, 0):
                 error = _result(tmp, rank, "error")
                 if error.is_file():
                     raise ConversionError(error.read_text().strip())
-                how = (f"was killed by signal {-p.returncode}" if p.returncode < 0
-                       else f"exited with status {p.returncode}")
+                how = (f"was killed by signal {-code}" if code < 0
+                       else f"exited with status {code}")
                 raise ConversionError(f"--nproc {nproc}: worker {rank} {how}; nothing written")
         if progress is not None:  # (the last counts, reported after the last poll)
             progress.update(store.add(_PROGRESS, 0) - shown)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+        if forker.poll() is None:
+            forker.terminate()  # it kills and reaps the workers still running
+        forker.wait()
     (tmp / _SPEC).unlink()
+    for rank in range(nproc):
+        _result(tmp, rank, "exit").unlink()
     if spec["direction"] != "megatron-to-hf":
         return
     weight_map, total = {}, 0
@@ -126,6 +148,13 @@ def run_workers(tmp: Path, nproc: int, spec: dict, *, progress=None) -> None:
         _result(tmp, rank, "json").unlink()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _exit_status(tmp: Path, rank: int) -> int | None:
+    """Worker ``rank``'s exit status as the forker recorded it (``-signal`` if killed), or
+    None while it runs."""
+    path = _result(tmp, rank, "exit")
+    return int(path.read_text()) if path.is_file() else None
 
 
 def shares(sizes: list[int], nproc: int) -> list[int]:
@@ -366,22 +395,101 @@ def _export_share(tmp: Path, rank: int, spec: dict, bar: _StoreProgress) -> None
     _result(tmp, rank, "json").write_text(json.dumps({"weight_map": weight_map, "bytes": total}))
 
 
-def main(argv: list[str]) -> int:
-    from ..checkpoint import CheckpointError
-    from ..compat.processes import die_with_parent
-    from .convert import prepare_command_line
+# What the forker imports for the workers (measured: without it, the modules a worker imported
+# after its fork were transformers, megatron-core's GPT model and checkpoint strategies,
+# megatron.training and the package's model and CPU modules; now only the architecture's few).
+_SHARED = ("torch.distributed", "transformers.models.auto.configuration_auto",
+           "megatron.core.models.gpt", "megatron.core.dist_checkpointing.strategies.fully_parallel",
+           "megatron.core.dist_checkpointing.strategies.filesystem_async", "megatron.training",
+           "eaft_megatron.compat.cpu", "eaft_megatron.compat.deltanet",
+           "eaft_megatron.models.model", "eaft_megatron.checkpoint",
+           "eaft_megatron.convert.convert")
 
-    tmp, rank = Path(argv[0]), int(argv[1])
-    # Ctrl-C reaches the whole process group: the parent stops the workers and cleans up.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent(json.loads((tmp / _SPEC).read_text())["parent"])
-    prepare_command_line()
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _start(argv: list[str]) -> int:
+    """Start ``main(argv)`` in a child process; its pid. Forked from this one (its imports
+    shared) when this process holds a single thread, as fork needs; else a fresh interpreter."""
+    if _threads() != 1:
+        return os.posix_spawn(sys.executable, [sys.executable, "-m", _MODULE, *argv],
+                              os.environ)
+    sys.stdout.flush()
+    sys.stderr.flush()  # (else the child writes this process's buffered output again)
+    pid = os.fork()
+    if pid == 0:  # never returns into the caller's frames or runs its exit handlers
+        code = 1
+        try:
+            code = main(argv)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
+def _serve(tmp: Path) -> int:
+    """The forker: import what the workers use, start them, record each one's exit status in
+    ``tmp`` until all are done. SIGTERM (from the converter): kill and reap the workers."""
+    import importlib
+
+    for name in _SHARED:
+        with contextlib.suppress(ImportError):  # (a worker would import it, or fail, itself)
+            importlib.import_module(name)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
+    workers: dict[int, int] = {}  # pid -> rank
+    try:
+        for rank in range(json.loads((tmp / _SPEC).read_text())["nproc"]):
+            workers[_start([str(tmp), str(rank), str(os.getpid())])] = rank
+        while workers:
+            pid, status = os.waitpid(-1, 0)
+            if (rank := workers.pop(pid, None)) is not None:
+                part = _result(tmp, rank, "exit.part")
+                part.write_text(str(os.waitstatus_to_exitcode(status)))
+                part.replace(_result(tmp, rank, "exit"))
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (not while exiting)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        for pid in workers:
+            os.waitpid(pid, 0)
+    return 0
+
+
+def _work(tmp: Path, rank: int) -> int:
+    """A worker: its share of the conversion; a ConversionError's one line in its error file."""
+    from ..checkpoint import CheckpointError
+
+    with contextlib.suppress(OSError):  # its name in ps -o comm, top, psutil's name()
+        Path("/proc/self/comm").write_text(f"eaft-nproc-{rank}")
     try:
         _worker(tmp, rank)
     except (ConversionError, CheckpointError) as e:
         _result(tmp, rank, "error").write_text(" ".join(str(e).split()) + "\n")
         return 2
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """``TMP PARENT``: the forker; ``TMP RANK PARENT``: a worker (PARENT: the process that
+    started it, with which it dies)."""
+    from ..compat.processes import die_with_parent
+    from .convert import prepare_command_line
+
+    # Ctrl-C reaches the whole process group: the parent stops the workers and cleans up.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (a forked worker: not the forker's)
+    die_with_parent(int(argv[-1]))
+    prepare_command_line()
+    if len(argv) == 2:
+        return _serve(Path(argv[0]))
+    try:
+        return _work(Path(argv[0]), int(argv[1]))
+    except BaseException:  # (a forked worker leaves through os._exit: say why here)
+        traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":

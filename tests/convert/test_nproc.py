@@ -132,13 +132,16 @@ def test_kill9_of_a_worker_leaves_nothing_and_no_process(ckpts, tmp_path, direct
         with contextlib.suppress(psutil.Error):
             for c in parent.children(recursive=True):
                 seen.add(c)
-                # worker 1, once past its imports: connected to the parent's store (the
-                # other worker is then joining or inside the collective checkpoint load)
-                if "eaft_megatron.convert.parallel" in " ".join(c.cmdline()) and \
-                        c.cmdline()[-1] == "1" and c.net_connections(kind="tcp"):
+                # worker 1 (the name it gives itself), once connected to the parent's store
+                # (the other worker is then joining or inside the collective checkpoint load)
+                if c.name() == "eaft-nproc-1" and c.net_connections(kind="tcp"):
                     victim = c
         time.sleep(0.01)
     assert victim is not None, "no worker seen"
+    # forked by the forker after its imports (its command line), not a fresh interpreter
+    forker = victim.parent()
+    assert forker.ppid() == p.pid and victim.cmdline() == forker.cmdline(), victim.cmdline()
+    assert "eaft_megatron.convert.parallel" in forker.cmdline()
     victim.kill()
     _, err = p.communicate(timeout=300)
     assert p.returncode == 2, err
