@@ -407,7 +407,10 @@ _SHARED = ("torch.distributed", "transformers.models.auto.configuration_auto",
 
 
 def _threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # (not Linux: not known, so no fork)
+        return 0
 
 
 def _start(argv: list[str]) -> int:
