@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from . import lazy_compile
 from .patching import patch, replace, unpatch
 
 __all__ = [
@@ -297,6 +298,10 @@ def install_cpu_compat() -> bool:
                          "_compute_g_and_beta"):
                 _patch(gdn_common._GDNBase, name,
                        deltanet.eager(getattr(gdn_common._GDNBase, name)))
+        # megatron's other jit_fuser helpers that run on CPU (the MoE router's expert-bias
+        # update, the gated attention output): uncompiled, where the entry point deferred
+        # torch.compile (compat/lazy_compile: ~1 CPU s per helper per process otherwise).
+        _patch(lazy_compile, "EAGER", True)
         # initialize._compile_dependencies runs `make` on a Makefile the wheel lacks, then exits;
         # the wheel already ships the built helpers_cpp extension.
         _patch(datasets_utils, "compile_helpers", _no_compile_helpers)

@@ -14,6 +14,12 @@ else that is not a plain function, are compiled at once as before.
 
 Only the command-line entry points install it (the trainer, ``eaft-megatron``), before megatron
 is imported; :func:`restore` undoes it.
+
+``EAGER = True`` makes the deferred functions that have not compiled yet run as plain Python
+instead; the CPU layer (``compat.cpu``) sets it while installed. On CPU, inductor needs a C++
+toolchain and costs about a second per compiled helper per process (megatron's MoE router bias
+update, the gated attention output of Qwen3.5 / Qwen3-Next) for fusions that bring a CPU run
+nothing; the computation is the same.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import functools
 import inspect
 from typing import Any, Callable
 
-__all__ = ["defer_torch_compile", "lazy_compile", "restore"]
+__all__ = ["EAGER", "defer_torch_compile", "lazy_compile", "restore"]
 
 _REAL: Callable[..., Any] | None = None  # torch.compile while ours is installed
+EAGER = False  # True: deferred functions not compiled yet run uncompiled
 
 
 def _real_compile() -> Callable[..., Any]:
@@ -46,6 +53,8 @@ def lazy_compile(model: Any = None, /, **options: Any) -> Any:
     def first_call_compiles(*args: Any, **kwargs: Any) -> Any:
         nonlocal compiled
         if compiled is None:
+            if EAGER:
+                return model(*args, **kwargs)
             compiled = _real_compile()(model, **options)
         return compiled(*args, **kwargs)
 
@@ -79,3 +88,4 @@ def restore() -> None:
     if _REAL is not None:
         torch.compile = _REAL  # type: ignore[assignment]
         _REAL = None
+

@@ -117,3 +117,28 @@ def test_megatron_imported_after_the_deferral_compiles_nothing():
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_the_cpu_layer_runs_deferred_functions_uncompiled(recorded):
+    """Under the CPU layer a deferred function that has not compiled yet runs as plain Python
+    (no inductor, no C++ toolchain); once the layer is uninstalled it compiles on its next call,
+    and a function compiled before keeps its compiled version."""
+    from eaft_megatron.compat.cpu import cpu_compat, cpu_compat_installed
+
+    if cpu_compat_installed():
+        pytest.skip("the CPU layer is installed for this whole process")
+
+    def f(x):
+        return x + 1
+
+    def g(x):
+        return x + 10
+
+    lazy_f, lazy_g = lc.lazy_compile(f), lc.lazy_compile(g)
+    assert lazy_g(1) == 22  # compiled before the layer: the recorder's doubling
+    with cpu_compat() as installed:
+        assert installed and lc.EAGER
+        assert lazy_f(1) == 2 and lazy_f(2) == 3 and lazy_g(1) == 22
+        assert [m for m, _ in recorded] == [g]  # f never went to torch.compile
+    assert not lc.EAGER
+    assert lazy_f(1) == 4 and [m for m, _ in recorded] == [g, f]
