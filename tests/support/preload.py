@@ -6,6 +6,7 @@ each child skips ~5 s of imports. Nothing here may start a thread or touch a dev
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 
@@ -42,3 +43,9 @@ logging.getLogger("torch.utils.cpp_extension").addFilter(
     lambda record: not str(record.msg).startswith("No CUDA runtime is found"))
 for _name in MODULES:
     importlib.import_module(_name)
+
+# What is imported now lives as long as every child: out of the garbage collector's sight (the
+# permanent generation). Otherwise each child's collections, and its exit, walk these objects
+# and write to them (reference counts, GC headers), copying the pages fork shared: measured
+# ~1.2 CPU s per forked child at exit alone, ~0.35 s frozen.
+gc.freeze()
