@@ -62,6 +62,7 @@ converter's alone (the others ignore SIGINT).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -441,6 +442,9 @@ def _serve(tmp: Path) -> int:
     for name in _SHARED:
         with contextlib.suppress(ImportError):  # (a worker would import it, or fail, itself)
             importlib.import_module(name)
+    # The imports outlive every worker: out of the garbage collector's sight, so that the
+    # workers' collections and exit do not walk them and copy the pages fork shared.
+    gc.freeze()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
     workers: dict[int, int] = {}  # pid -> rank
     try:
