@@ -43,9 +43,11 @@ others and the temporary is removed. The files are bit-identical to ``--nproc 1`
 
 Processes: the converter starts one *forker* (``python -m eaft_megatron.convert.parallel TMP
 PARENT``), which imports what the workers use (torch, megatron-core's model and checkpoint
-code, transformers' configs, the package: :data:`_SHARED`, ~6 CPU s), runs nothing, and
-forks the N workers (named ``eaft-nproc-RANK`` in ``ps -o comm`` / top), so that the imports
-are paid once per conversion instead of once per worker. fork is only safe in a process with
+code, transformers' configs, the package: :data:`_SHARED`, ~6 CPU s), runs nothing, freezes
+those imports out of the garbage collector (``gc.freeze``: the workers then do not copy the
+pages they share by walking them) and forks the N workers (named ``eaft-nproc-RANK`` in
+``ps -o comm`` / top), so that the imports are paid once per conversion instead of once per
+worker. fork is only safe in a process with
 one thread, and the converter itself is not one (``import torch`` starts an OpenMP thread
 unless ``OMP_NUM_THREADS=1``; the store and a progress bar start more), hence a separate
 forker, started with ``OMP_NUM_THREADS=1`` (each worker then sets its own thread count). The
