@@ -31,6 +31,7 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 
 __all__ = ["LAUNCHER_ENV", "TORCHRUN_ENV", "launcher_parser", "main", "split_argv",
            "torchrun_command"]
@@ -187,6 +188,11 @@ def main(argv: list[str]) -> int:
         _QuietFailures())
     os.environ[LAUNCHER_ENV] = "1"  # the workers leave their error line to this process
     args = torchrun.parse_args([*launcher, "-m", "eaft_megatron.train", *trainer])
+    # torchrun makes a log directory per launch (tempfile.mkdtemp("torchelastic_"), empty
+    # unless output is redirected) and leaves it: one /tmp/torchelastic_* per launch, for good.
+    # Here it is made inside a directory of ours, removed afterwards (logs asked for stay).
+    scratch = tempfile.mkdtemp(prefix="eaft-torchrun-")
+    previous, tempfile.tempdir = tempfile.tempdir, scratch  # (this process only, not the workers)
     try:
         torchrun.run(args)
     except ChildFailedError as e:
@@ -195,5 +201,21 @@ def main(argv: list[str]) -> int:
         print(f"{PROG}: interrupted ({e.sigval.name}): workers stopped", file=sys.stderr,
               flush=True)
         return 128 + int(e.sigval)
+    finally:
+        tempfile.tempdir = previous
+        _remove_scratch(scratch)
     return 0
 
+
+def _remove_scratch(root: str) -> None:
+    """``root`` and what torchrun left in it: the workers' ``error.json`` records (already
+    reported) and the directories that then hold nothing; redirected logs (``--redirects``,
+    ``--tee``) stay."""
+    for path, _, files in os.walk(root, topdown=False):
+        for name in files:
+            if name == "error.json":
+                os.unlink(os.path.join(path, name))
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass  # something else in it

@@ -15,13 +15,15 @@ from tests.support.launch import ROOT, free_port, subprocess_env
 
 def test_a_mistake_exits_2_with_the_workers_line_and_no_traceback(tiny_inputs, tmp_path):
     missing = tmp_path / "nope" / "train"
+    scratch = tmp_path / "tmp"  # the launch's temporary directory (TMPDIR)
+    scratch.mkdir()
     res = subprocess.run(
         [sys.executable, "-m", "eaft_megatron", "train", "--nproc-per-node", "2",
          "--master-addr", "127.0.0.1", f"--master-port={free_port()}",
          "--load", str(tiny_inputs / "mcore"), "--data-path", str(missing),
          "--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-3",
-         "--train-iters", "2"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-        timeout=300)
+         "--train-iters", "2"], cwd=ROOT, env=subprocess_env(TMPDIR=str(scratch)),
+        capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-4000:]
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert lines == [f"eaft_megatron.train: error: --data-path {missing}: not a complete "
@@ -31,6 +33,9 @@ def test_a_mistake_exits_2_with_the_workers_line_and_no_traceback(tiny_inputs, t
     assert "Traceback" not in res.stdout + res.stderr
     assert "ChildFailedError" not in res.stdout + res.stderr
     assert not missing.parent.exists()
+    # torchrun's per-launch log directory (torchelastic_*, empty here) is not left behind
+    assert not [p for p in scratch.rglob("*") if "torchelastic_" in p.name or
+                p.name.startswith("eaft-torchrun-")], sorted(scratch.rglob("*"))
 
 
 def test_launcher_options_first_then_the_trainers_flags():
