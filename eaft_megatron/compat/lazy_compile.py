@@ -88,4 +88,3 @@ def restore() -> None:
     if _REAL is not None:
         torch.compile = _REAL  # type: ignore[assignment]
         _REAL = None
-

@@ -37,7 +37,7 @@ import threading
 from collections.abc import Iterator
 
 __all__ = ["contain_child_processes", "die_with_parent", "free_port",
-           "in_process_checkpoint_writes"]
+           "in_process_checkpoint_writes", "thread_count"]
 
 _PR_SET_PDEATHSIG = 1
 _LINUX = sys.platform.startswith("linux")
@@ -129,6 +129,15 @@ def contain_child_processes(*, async_save: bool = False) -> None:
     _installed = True
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
     _patch_spawn_command_line()
+
+
+def thread_count() -> int:
+    """Threads of this process (Linux ``/proc/self/task``), 0 where unknown. fork is safe only
+    at 1: a child gets a copy of the forking thread alone, with whatever locks others held."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
 
 
 def free_port() -> int:

@@ -47,10 +47,10 @@ code, transformers' configs, the package: :data:`_SHARED`, ~6 CPU s), runs nothi
 those imports out of the garbage collector (``gc.freeze``: the workers then do not copy the
 pages they share by walking them) and forks the N workers (named ``eaft-nproc-RANK`` in
 ``ps -o comm`` / top), so that the imports are paid once per conversion instead of once per
-worker. fork is only safe in a process with
-one thread, and the converter itself is not one (``import torch`` starts an OpenMP thread
-unless ``OMP_NUM_THREADS=1``; the store and a progress bar start more), hence a separate
-forker, started with ``OMP_NUM_THREADS=1`` (each worker then sets its own thread count). The
+worker. fork is only safe in a process with one thread, and the converter itself is not one
+(``import torch`` starts an OpenMP thread unless ``OMP_NUM_THREADS=1``; the store and a
+progress bar start more), hence a separate forker, started with ``OMP_NUM_THREADS=1`` (each
+worker then sets its own thread count). The
 forker checks it holds one thread right before each fork and otherwise starts the worker as a
 fresh interpreter (``... TMP RANK PARENT``), as every worker was before. A forked worker leaves
 through ``os._exit`` (nothing of the forker's shutdown runs twice; its output is flushed first);
@@ -409,17 +409,12 @@ _SHARED = ("torch.distributed", "transformers.models.auto.configuration_auto",
            "eaft_megatron.convert.convert")
 
 
-def _threads() -> int:
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:  # (not Linux: not known, so no fork)
-        return 0
-
-
 def _start(argv: list[str]) -> int:
     """Start ``main(argv)`` in a child process; its pid. Forked from this one (its imports
     shared) when this process holds a single thread, as fork needs; else a fresh interpreter."""
-    if _threads() != 1:
+    from ..compat.processes import thread_count
+
+    if thread_count() != 1:  # (0: not Linux, not known: no fork)
         return os.posix_spawn(sys.executable, [sys.executable, "-m", _MODULE, *argv],
                               os.environ)
     sys.stdout.flush()

@@ -42,8 +42,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from eaft_megatron.compat.processes import die_with_parent
+from eaft_megatron.compat.processes import die_with_parent, thread_count
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,10 +55,6 @@ class ChildExit(BaseException):
 
     def __init__(self, code: int):
         self.code = code
-
-
-def _threads() -> int:
-    return len(os.listdir("/proc/self/task"))
 
 
 def _run_rank(module: str, args: list[str], env: dict, cwd: str, stdout: str,
@@ -175,7 +172,7 @@ def _handle(conn: socket.socket, parent: int) -> None:
 def serve(path: str, parent: int) -> None:
     die_with_parent(parent)
     import tests.support.preload  # noqa: F401 - the imports every child skips
-    threads = _threads()
+    threads = thread_count()
     if threads != 1:
         print(json.dumps({"error": f"{threads} threads after the imports: forking is unsafe"}),
               flush=True)
@@ -218,6 +215,17 @@ class _Stop(Exception):
     pass
 
 
+def request(path: str, launch: dict) -> tuple[socket.socket, Any, int]:
+    """Send one request (the protocol above) to the zygote at ``path``: the connection, its
+    stream (the ``{"returncode": ...}`` line comes next) and the launch's process group."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(path)
+    stream = conn.makefile("rw")
+    stream.write(json.dumps(launch) + "\n")
+    stream.flush()
+    return conn, stream, int(json.loads(stream.readline())["pid"])
+
+
 class Zygote:
     """The client side: construct once (starts the zygote), then ``launch(...)`` per run."""
 
@@ -239,14 +247,9 @@ class Zygote:
     def launch(self, module: str, args: list[str], *, nproc: int, env: dict, cwd: str,
                stdout: str, stderr: str, port: int, timeout: float,
                distributed: bool = True) -> int:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.connect(self.path)
-        stream = conn.makefile("rw")
-        stream.write(json.dumps(dict(module=module, args=list(args), nproc=nproc, env=env,
-                                     cwd=str(cwd), stdout=stdout, stderr=stderr, port=port,
-                                     distributed=distributed)) + "\n")
-        stream.flush()
-        pid = json.loads(stream.readline())["pid"]
+        conn, stream, pid = request(self.path, dict(
+            module=module, args=list(args), nproc=nproc, env=env, cwd=str(cwd), stdout=stdout,
+            stderr=stderr, port=port, distributed=distributed))
         conn.settimeout(timeout)
         try:
             answer = stream.readline()

@@ -18,7 +18,8 @@ client itself dies (kill -9, a timeout), the zygote's launcher kills the ranks.
 Anything else (a script instead of ``-m``, other torchrun options) runs real torchrun
 (``python -m torch.distributed.run`` with the same arguments).
 
-Imports nothing heavy (no torch, no package module): it only talks to the zygote's socket.
+Imports nothing heavy (no torch): it only talks to the zygote's socket
+(:func:`tests.support.zygote.request`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
+
+from tests.support import zygote
 
 SOCKET_VARIABLE = "EAFT_ZYGOTE_SOCKET"
 _VALUED = {"--nproc-per-node": "nproc", "--master-addr": "addr", "--master-port": "port",
@@ -73,9 +75,10 @@ def run(launch: dict, path: str) -> int:
     env = dict(os.environ)
     if launch["nproc"] > 1:
         env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets it for several workers
-    request = dict(module=launch["module"], args=launch["args"], nproc=launch["nproc"], env=env,
-                   cwd=os.getcwd(), stdout=f"/proc/{me}/fd/1", stderr=f"/proc/{me}/fd/2",
-                   addr=launch["addr"], port=launch["port"], distributed=True)
+    launch_request = dict(module=launch["module"], args=launch["args"], nproc=launch["nproc"],
+                          env=env, cwd=os.getcwd(), stdout=f"/proc/{me}/fd/1",
+                          stderr=f"/proc/{me}/fd/2", addr=launch["addr"], port=launch["port"],
+                          distributed=True)
     group: list[int] = []  # the launch's process group, once the zygote said it
     pending: list[int] = []
 
@@ -90,12 +93,8 @@ def run(launch: dict, path: str) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.connect(path)
-    stream = conn.makefile("rw")
-    stream.write(json.dumps(request) + "\n")
-    stream.flush()
-    group.append(int(json.loads(stream.readline())["pid"]))
+    _, stream, pid = zygote.request(path, launch_request)
+    group.append(pid)
     for signum in pending:
         forward(signum, None)
     answer = stream.readline()
